@@ -1,0 +1,1 @@
+"""MedSegDiff-style conditional diffusion for medical image segmentation."""
