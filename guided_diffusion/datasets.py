@@ -1,0 +1,560 @@
+"""Data sets: find image/mask pairs (ISIC, Kvasir-SEG, folder, synthetic), split them, load and transform them.
+
+One loading path for every script: ``find_pairs`` knows the layouts, ``resolve_split`` fixes which ids are
+train/val/test (official split, a saved split file, or a seeded split that never changes between training
+and sampling), and ``SegmentationDataset`` turns pairs into tensors with image/mask geometry kept in step.
+Every problem with the user's data is a one-line ``DataError`` that names the offending path or flag.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from . import synthetic
+
+DATA_NAMES = ("ISIC", "KVASIR", "FOLDER", "SYNTHETIC")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = ("_segmentation", "_mask")  # matched case-insensitively: _Segmentation, _Mask too
+IGNORED_SUFFIXES = ("_superpixels",)  # ISIC 2017 ships superpixel maps beside the images
+LOSSLESS_EXTS = (".png", ".bmp", ".tif", ".tiff")
+_SHOW = 3  # how many offending files an error message names
+
+
+class DataError(ValueError):
+    """A problem with the user's data or data flags; the one-line message names the path or flag."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One sample: its id (the image's file stem) and the image and mask files."""
+
+    id: str
+    image: Path
+    mask: Path
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def _one_line(text: object) -> str:
+    """Collapse an exception text to one line so every DataError stays a one-liner."""
+    return " ".join(str(text).split())
+
+
+def _examples(names: Iterable[str]) -> str:
+    """'a, b, c and 4 more': a short, readable list of offending names."""
+    names = sorted(names)
+    head = ", ".join(names[:_SHOW])
+    return head + (f" and {len(names) - _SHOW} more" if len(names) > _SHOW else "")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (no hidden/AppleDouble files, no ISIC superpixel maps)."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
+        and not p.stem.lower().endswith(IGNORED_SUFFIXES)
+    )
+
+
+def _mask_id(stem: str) -> str | None:
+    """The image id a mask stem names when it carries a mask suffix (``_mask``, ``_segmentation``), else None."""
+    lower = stem.lower()
+    for suffix in MASK_SUFFIXES:
+        if lower.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return None
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a directory, else a DataError saying which folder is missing."""
+    if not path.is_dir():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def _index_by_stem(files: list[Path], where: Path) -> dict[str, Path]:
+    """Map file stem -> path; two files with one stem (a.png and a.jpg) are ambiguous."""
+    index: dict[str, Path] = {}
+    for path in files:
+        if path.stem in index:
+            raise DataError(f"two files for id {path.stem!r} in {where}: {index[path.stem].name} and {path.name}")
+        index[path.stem] = path
+    return index
+
+
+def _pair_files(images: list[Path], masks: list[Path], image_dir: Path, mask_dir: Path) -> list[Pair]:
+    """Pair images with masks by stem (mask stem may add a mask suffix); every file must find its partner."""
+    by_id = _index_by_stem(images, image_dir)
+    mask_of: dict[str, Path] = {}
+    orphans = []
+    for mask in masks:
+        key = mask.stem if mask.stem in by_id else _mask_id(mask.stem)
+        if key not in by_id:
+            orphans.append(mask.name)
+        elif key in mask_of:
+            raise DataError(f"two masks for image {key!r} in {mask_dir}: {mask_of[key].name} and {mask.name}")
+        else:
+            mask_of[key] = mask
+    if orphans:
+        raise DataError(f"{len(orphans)} mask(s) in {mask_dir} without an image in {image_dir}: {_examples(orphans)}")
+    lonely = [by_id[i].name for i in by_id if i not in mask_of]
+    if lonely:
+        raise DataError(f"{len(lonely)} image(s) in {image_dir} without a mask in {mask_dir}: {_examples(lonely)}")
+    return [Pair(i, by_id[i], mask_of[i]) for i in sorted(by_id)]
+
+
+def _split_masks(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Separate images from masks kept in one folder (ISIC 2016 Part3B keeps them side by side)."""
+    masks = [p for p in files if _mask_id(p.stem) is not None]
+    return [p for p in files if _mask_id(p.stem) is None], masks
+
+
+# ------------------------------------------------------------------------------------------- layouts
+
+
+def _folder_pairs(data_dir: Path) -> list[Pair]:
+    """FOLDER / KVASIR / SYNTHETIC layout: ``images/`` and ``masks/`` paired by file stem."""
+    image_dir = _require_dir(data_dir / "images", "images/ folder")
+    mask_dir = _require_dir(data_dir / "masks", "masks/ folder")
+    return _pair_files(_image_files(image_dir), _image_files(mask_dir), image_dir, mask_dir)
+
+
+@dataclass(frozen=True)
+class _IsicPart:
+    """One ISIC image folder with where its masks and (ISIC 2016) its id list live."""
+
+    image_dir: Path
+    mask_dir: Path
+    role: str | None  # "train" | "val" | "test" | None when the name says nothing
+    csv: Path | None
+
+
+def _isic_role(name: str) -> str | None:
+    """Split role from an ISIC folder name: Training -> train, Validation -> val, Test -> test."""
+    tokens = set(re.split(r"[_\-\s.]+", name.lower()))
+    for role, words in (("train", {"training", "train"}), ("val", {"validation", "val"}), ("test", {"test"})):
+        if tokens & words:
+            return role
+    return None
+
+
+def _isic_year(name: str) -> str | None:
+    """Challenge year in an ISIC folder name (2016, 2017, 2018...), to match images with their ground truth."""
+    found = re.search(r"20\d\d", name)
+    return found.group(0) if found else None
+
+
+def _is_isic_image_dir(path: Path) -> bool:
+    """An ISIC image folder: ``*_Data`` or ``*_Input``, not ground truth, not the classification-only Task 3."""
+    name = path.name.lower()
+    return (path.is_dir() and name.endswith(("_data", "_input")) and "groundtruth" not in name
+            and "task3" not in name)
+
+
+def _is_isic_mask_dir(path: Path) -> bool:
+    """An ISIC segmentation ground-truth folder (Part 1 / Task 1; Part 2/3 and Task 2/3 hold other labels)."""
+    name = path.name.lower()
+    return path.is_dir() and "groundtruth" in name and not re.search(r"(part|task)[23]", name)
+
+
+def _isic_parts(data_dir: Path) -> list[_IsicPart]:
+    """Detect the ISIC folders: 2017/2018 (ground truth in a sibling folder) or 2016 Part3B (masks beside images)."""
+    entries = sorted(data_dir.iterdir())
+    image_dirs = [p for p in entries if _is_isic_image_dir(p)]
+    if not image_dirs:
+        raise DataError(f"no ISIC image folder (*_Data or *_Input) in {data_dir}; "
+                        "for images/ + masks/ use --data_name FOLDER")
+    mask_dirs = [p for p in entries if _is_isic_mask_dir(p)]
+    parts = []
+    for image_dir in image_dirs:
+        role, year = _isic_role(image_dir.name), _isic_year(image_dir.name)
+        matches = [m for m in mask_dirs if _isic_role(m.name) == role and _isic_year(m.name) == year]
+        if len(matches) > 1:
+            raise DataError(f"several ground-truth folders match {image_dir}: {_examples(m.name for m in matches)}")
+        stem = image_dir.name[: image_dir.name.rfind("_")]
+        table = data_dir / f"{stem}_GroundTruth.csv"
+        mask_dir = matches[0] if matches else image_dir
+        parts.append(_IsicPart(image_dir, mask_dir, role, table if table.is_file() else None))
+    return parts
+
+
+def _read_id_csv(table: Path) -> list[str]:
+    """Ids from an ISIC 2016 ground-truth CSV: no header row, id in column 0 (the first row is data)."""
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as handle:
+            rows = [row for row in csv.reader(handle) if row and row[0].strip()]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {table}: {_one_line(exc)}") from exc
+    ids = [row[0].strip() for row in rows]
+    return [i[: -len(Path(i).suffix)] if Path(i).suffix.lower() in IMAGE_EXTS else i for i in ids]
+
+
+def _csv_pairs(part: _IsicPart) -> list[Pair]:
+    """Pairs listed by an ISIC 2016 CSV; a listed id whose image or mask file is absent is an error."""
+    images = _index_by_stem(_split_masks(_image_files(part.image_dir))[0], part.image_dir)
+    masks = {_mask_id(p.stem): p for p in _image_files(part.mask_dir) if _mask_id(p.stem)}
+    pairs = []
+    for row, sample_id in enumerate(_read_id_csv(part.csv), start=1):
+        if sample_id not in images:
+            missing = part.image_dir / f"{sample_id}.jpg"
+            raise DataError(f"{part.csv} row {row} lists {sample_id!r} but its image {missing} is missing")
+        if sample_id not in masks:
+            missing = part.mask_dir / f"{sample_id}_Segmentation.png"
+            raise DataError(f"{part.csv} row {row} lists {sample_id!r} but its mask {missing} is missing")
+        pairs.append(Pair(sample_id, images[sample_id], masks[sample_id]))
+    return pairs
+
+
+def _part_pairs(part: _IsicPart) -> list[Pair]:
+    """Pairs of one ISIC part: from its CSV when there is one, else by pairing the files."""
+    if part.csv is not None:
+        return _csv_pairs(part)
+    files = _image_files(part.image_dir)
+    if part.mask_dir == part.image_dir:
+        images, masks = _split_masks(files)
+        if not masks:
+            raise DataError(f"no ground truth for {part.image_dir}: expected a matching *_GroundTruth folder "
+                            "or ISIC_<id>_Segmentation.png masks beside the images")
+        return _pair_files(images, masks, part.image_dir, part.mask_dir)
+    return _pair_files(_split_masks(files)[0], _image_files(part.mask_dir), part.image_dir, part.mask_dir)
+
+
+def _isic_pairs(data_dir: Path) -> tuple[list[Pair], dict[str, list[str]] | None]:
+    """All ISIC pairs and, when the folders name more than one role, the official split (val may be empty)."""
+    parts = _isic_parts(data_dir)
+    by_role: dict[str | None, list[str]] = {}
+    pairs: dict[str, Pair] = {}
+    for part in parts:
+        for pair in _part_pairs(part):
+            if pair.id in pairs:
+                raise DataError(f"id {pair.id!r} appears twice: {pairs[pair.id].image} and {pair.image}")
+            pairs[pair.id] = pair
+            by_role.setdefault(part.role, []).append(pair.id)
+    roles = set(by_role)
+    official = None
+    if len(roles) > 1 and None not in roles:
+        official = {role: sorted(by_role.get(role, [])) for role in SPLITS}
+    return [pairs[i] for i in sorted(pairs)], official
+
+
+# --------------------------------------------------------------------------------------------- pairs
+
+
+def normalize_data_name(data_name: str) -> str:
+    """Upper-case ``data_name`` and check it is known (the ``--data_name`` flag)."""
+    name = str(data_name).upper()
+    if name not in DATA_NAMES:
+        raise DataError(f"unknown --data_name {data_name!r}; choose one of {', '.join(DATA_NAMES)}")
+    return name
+
+
+def find_pairs(data_name: str, data_dir) -> tuple[list[Pair], dict[str, list[str]] | None]:
+    """All pairs of the data set sorted by id, and its official split (name -> ids) when the layout has one.
+
+    SYNTHETIC is generated on first use, so every caller sees the same files.
+    """
+    name = normalize_data_name(data_name)
+    data_dir = Path(data_dir)
+    ensure_dataset(name, data_dir)
+    if name == "ISIC":
+        pairs, official = _isic_pairs(data_dir)
+    else:
+        pairs, official = _folder_pairs(data_dir), None
+    if not pairs:
+        raise DataError(f"no image/mask pairs found in {data_dir}")
+    return pairs, official
+
+
+# --------------------------------------------------------------------------------------------- split
+
+
+def make_split(ids, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2) -> dict[str, list[str]]:
+    """Seeded train/val/test split of the sorted ids: the same ids and seed always give the same split."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
+    ordered = sorted(set(map(str, ids)))
+    n = len(ordered)
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    if n >= 3:  # every part asked for is non-empty, and train keeps at least one id
+        n_test = min(max(n_test, int(test_fraction > 0)), n - 2)
+        n_val = min(max(n_val, int(val_fraction > 0)), n - 1 - n_test)
+    elif n == 2:
+        n_test, n_val = int(test_fraction > 0), 0
+    else:
+        n_test, n_val = 0, 0
+    order = np.random.default_rng(seed).permutation(n)
+    shuffled = [ordered[i] for i in order]
+    return {
+        "train": sorted(shuffled[n_test + n_val:]),
+        "val": sorted(shuffled[n_test:n_test + n_val]),
+        "test": sorted(shuffled[:n_test]),
+    }
+
+
+def _check_split(split: dict, path: Path) -> dict:
+    """A loaded split must hold train/val/test lists of string ids that do not overlap."""
+    if not isinstance(split, dict) or any(not isinstance(split.get(k), list) for k in SPLITS):
+        raise DataError(f"split file {path} must be a JSON object with 'train', 'val' and 'test' lists of ids")
+    seen: dict[str, str] = {}
+    for key in SPLITS:
+        for sample_id in split[key]:
+            if not isinstance(sample_id, str):
+                raise DataError(f"split file {path}: {key} holds a non-string id {sample_id!r}")
+            if sample_id in seen:
+                raise DataError(f"split file {path}: id {sample_id!r} is in both {seen[sample_id]} and {key}")
+            seen[sample_id] = key
+    return split
+
+
+def save_split(split: dict, path) -> None:
+    """Write the split as JSON atomically (temp file then ``os.replace``) so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(split, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_split(path) -> dict:
+    """Read a split file written by ``save_split``; missing, corrupt or malformed -> DataError naming it."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read split file {path}: {_one_line(exc)}") from exc
+    return _check_split(split, path)
+
+
+def resolve_split(data_name, data_dir, split_file=None, seed: int = 0) -> dict:
+    """The split to use: ``split_file`` when given, else the official split, else a seeded split.
+
+    ISIC 2016 and any ISIC layout without a validation folder gives an official split with ``val == []``.
+    """
+    name = normalize_data_name(data_name)
+    return _resolve(name, data_dir, *find_pairs(name, data_dir), split_file, seed)
+
+
+def _resolve(name: str, data_dir, pairs: list[Pair], official: dict | None, split_file, seed: int) -> dict:
+    """``resolve_split`` on pairs already found (so ``list_pairs`` scans the folders once)."""
+    if split_file is not None:
+        loaded = load_split(split_file)
+        known = {p.id for p in pairs}
+        unknown = [i for key in SPLITS for i in loaded[key] if i not in known]
+        if unknown:
+            raise DataError(f"split file {split_file} names {len(unknown)} id(s) absent from {data_dir}: "
+                            f"{_examples(unknown)}")
+        parts, source, seed = {k: sorted(loaded[k]) for k in SPLITS}, "file", loaded.get("seed", seed)
+    elif official is not None:
+        parts, source = official, "official"
+    else:
+        parts, source = make_split([p.id for p in pairs], seed), "seeded"
+    return {**parts, "source": source, "seed": seed, "data_name": name}
+
+
+def list_pairs(data_name, data_dir, split: str = "test", split_file=None, seed: int = 0) -> list[Pair]:
+    """The pairs of one split ("train", "val", "test" or "all"), sorted by id; an empty split is an error."""
+    if split not in (*SPLITS, "all"):
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join((*SPLITS, 'all'))}")
+    name = normalize_data_name(data_name)
+    pairs, official = find_pairs(name, data_dir)
+    if split == "all":
+        return pairs
+    wanted = set(_resolve(name, data_dir, pairs, official, split_file, seed)[split])
+    chosen = [p for p in pairs if p.id in wanted]
+    if not chosen:
+        raise DataError(f"split {split!r} of {data_dir} is empty")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """Open and fully decode an image file, turning any failure into a DataError naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy() if img.mode != "P" else img.convert("RGBA" if "transparency" in img.info else "RGB")
+    except Exception as exc:  # PIL raises many types for corrupt or truncated files
+        raise DataError(f"cannot read {what} {path}: {_one_line(exc)}") from exc
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit / int / float single-channel images as 8-bit grayscale (PIL cannot convert them to RGB well)."""
+    arr = np.asarray(img).astype(np.float64)
+    scale = 257.0 if img.mode.startswith("I;16") else max(arr.max() / 255.0, 1.0)
+    return Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
+
+
+def load_image(path) -> Image.Image:
+    """The image at ``path`` as RGB; grayscale, palette, RGBA and 16-bit files are accepted."""
+    img = _open(Path(path), "image")
+    if img.mode.startswith(("I", "F")):
+        img = _high_depth_to_l(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_mask(path, threshold: int = 128) -> np.ndarray:
+    """Boolean HxW mask: grayscale value > ``threshold`` (ISIC scorer rule; robust to JPEG noise).
+
+    A lossless mask whose values are exactly {0, 1} is a label mask and reads as 1 = foreground.
+    """
+    path = Path(path)
+    img = _open(path, "mask")
+    gray = _high_depth_to_l(img) if img.mode.startswith(("I", "F")) else img.convert("L")
+    values = np.asarray(gray)
+    if path.suffix.lower() in LOSSLESS_EXTS and values.max(initial=0) == 1:
+        return values == 1
+    return values > threshold
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+
+def _to_tensors(image: Image.Image, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    """uint8 (3,H,W) image and uint8 (1,H,W) {0,1} mask, typed so v2 transforms treat each correctly."""
+    return tv_tensors.Image(TF.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(mask.astype(np.uint8))[None])
+
+
+def _augmentation(size: int, aspect: float) -> v2.Compose:
+    """Joint random geometry (crop, flips, rotation) for image and mask; colour jitter touches the image only.
+
+    Crops keep the aspect ratio around the source's own (``aspect`` = W/H) so the squash to a square
+    matches the one seen without augmentation.
+    """
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(aspect * 3 / 4, aspect * 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomRotation(20, interpolation=v2.InterpolationMode.BILINEAR,
+                          fill={tv_tensors.Image: 0, tv_tensors.Mask: 0}),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+    ])
+
+
+class SegmentationDataset(Dataset):
+    """Image/mask pairs as tensors at ``image_size`` x ``image_size``, optionally jointly augmented.
+
+    Images are resized with antialiased bilinear interpolation, masks with nearest neighbour (never
+    interpolated then thresholded, which dilates thin structures); ``orig_size`` lets predictions go back.
+    """
+
+    def __init__(self, pairs: list[Pair], image_size: int, augment: bool = False):
+        if int(image_size) <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.pairs = list(pairs)
+        self.image_size = int(image_size)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """The pair's image and boolean mask at original size; their sizes must agree."""
+        pair = self.pairs[index]
+        image, mask = load_image(pair.image), load_mask(pair.mask)
+        if (image.height, image.width) != mask.shape:
+            raise DataError(f"image {pair.image} is {image.width}x{image.height} "
+                            f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.load(index)
+        height, width = mask.shape
+        img_t, mask_t = _to_tensors(image, mask)
+        size = [self.image_size, self.image_size]
+        if self.augment:
+            img_t, mask_t = _augmentation(size, width / height)(img_t, mask_t)
+        else:
+            img_t = TF.resize(img_t, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+            mask_t = TF.resize(mask_t, size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
+        return {
+            "image": img_t.as_subclass(torch.Tensor).float().div_(255.0).clamp_(0.0, 1.0),
+            "mask": (mask_t.as_subclass(torch.Tensor) > 0).float(),
+            "id": self.pairs[index].id,
+            "orig_size": torch.tensor([height, width], dtype=torch.long),
+        }
+
+
+# ----------------------------------------------------------------------------------------- synthetic
+
+
+def _synthetic_meta(num_images: int, seed: int) -> dict:
+    """What identifies a generated set: generator version, its knobs, size and seed."""
+    return {"generator": "guided_diffusion.synthetic", "version": synthetic.GENERATOR_VERSION,
+            "num_images": int(num_images), "seed": int(seed), "config": synthetic.SynthConfig().to_dict()}
+
+
+def _check_synthetic(data_dir: Path, meta: dict) -> bool:
+    """True when ``data_dir`` already holds this very set; DataError when it holds something else."""
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        if data_dir.is_dir() and any(data_dir.iterdir()):
+            raise DataError(f"{data_dir} is not empty and has no meta.json, so it is not a synthetic set; "
+                            "use another --data_dir")
+        return False
+    try:
+        found = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {meta_path}: {_one_line(exc)}") from exc
+    if found != meta:
+        raise DataError(f"{meta_path} describes another synthetic set ({found.get('num_images')} images, "
+                        f"seed {found.get('seed')}, version {found.get('version')}); use another --data_dir")
+    return True
+
+
+def make_synthetic(data_dir, num_images: int = 240, seed: int = 0) -> Path:
+    """Write the built-in synthetic set (FOLDER layout + meta.json) into ``data_dir`` unless it is there.
+
+    Generated beside ``data_dir`` and renamed into place in one step, so an interrupted or concurrent
+    run never leaves a half-written set behind.
+    """
+    data_dir = Path(data_dir)
+    meta = _synthetic_meta(num_images, seed)
+    if _check_synthetic(data_dir, meta):
+        return data_dir
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir.parent / f".{data_dir.name}.{uuid.uuid4().hex}.tmp"  # unique across processes and nodes
+    try:
+        synthetic.write_synthetic(tmp, num_images, seed)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            os.replace(tmp, data_dir)  # atomic; succeeds onto an absent or empty directory
+        except OSError:
+            if not _check_synthetic(data_dir, meta):  # someone else finished first, or a real clash
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_dir
+
+
+def ensure_dataset(data_name, data_dir) -> None:
+    """Make the data usable: generate the default SYNTHETIC set when absent; for the others, the folder must exist."""
+    name = normalize_data_name(data_name)
+    data_dir = Path(data_dir)
+    if name == "SYNTHETIC":
+        if not (data_dir / "meta.json").is_file():  # any generated set is accepted as it is
+            make_synthetic(data_dir)
+    elif not data_dir.is_dir():
+        raise DataError(f"--data_dir not found: {data_dir}")

@@ -1,0 +1,565 @@
+"""Tests for guided_diffusion.datasets: layouts, bad input, splits, loading, transforms, synthetic set."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from guided_diffusion import datasets as D
+from guided_diffusion.datasets import DataError, Pair
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+KVASIR_REAL = SHARED / "Kvasir-SEG"
+ISIC_REAL = SHARED / "ISIC-2017-256"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors run faster on one thread (and are immune to a busy shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+def write_image(path: Path, size=(12, 10), mode: str = "RGB", seed: int = 0) -> Path:
+    """A small random image (size is W, H) in the given PIL mode."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(arr)
+    if mode == "P":
+        img = img.quantize(16)
+    elif mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+def blob(size=(12, 10)) -> np.ndarray:
+    """A rectangular foreground blob (bool HxW) for a W x H image."""
+    mask = np.zeros((size[1], size[0]), dtype=bool)
+    mask[2:7, 3:9] = True
+    return mask
+
+
+def write_mask(path: Path, mask: np.ndarray, rgb: bool = False) -> Path:
+    """Mask as 0/255 grayscale (or 3-channel) file; JPEG paths get JPEG noise like Kvasir-SEG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = mask.astype(np.uint8) * 255
+    img = Image.fromarray(np.repeat(arr[..., None], 3, axis=2) if rgb else arr)
+    img.save(path, **({"quality": 75} if path.suffix == ".jpg" else {}))
+    return path
+
+
+def make_folder(root: Path, stems, mask_stems=None, ext=".png", mask_ext=".png") -> Path:
+    """FOLDER layout with one image/mask per stem."""
+    for i, stem in enumerate(stems):
+        write_image(root / "images" / f"{stem}{ext}", seed=i)
+    for stem in mask_stems if mask_stems is not None else stems:
+        write_mask(root / "masks" / f"{stem}{mask_ext}", blob())
+    return root
+
+
+def make_isic2016(root: Path, train=("ISIC_0000000", "ISIC_0000001", "ISIC_0000002"),
+                  test=("ISIC_0000010", "ISIC_0000011"), csvs: bool = True) -> Path:
+    """ISIC 2016 Part3B layout: masks beside images, header-less ground-truth CSVs."""
+    for part, ids in (("Training", train), ("Test", test)):
+        folder = root / f"ISBI2016_ISIC_Part3B_{part}_Data"
+        for i, sample_id in enumerate(ids):
+            write_image(folder / f"{sample_id}.jpg", seed=i)
+            write_mask(folder / f"{sample_id}_Segmentation.png", blob())
+        if csvs:
+            rows = "".join(f"{i},{'benign' if k % 2 else 'malignant'}\n" for k, i in enumerate(ids))
+            (root / f"ISBI2016_ISIC_Part3B_{part}_GroundTruth.csv").write_text(rows)
+    return root
+
+
+def make_isic2017(root: Path, parts=("Training", "Validation", "Test_v2"), per_part: int = 3) -> Path:
+    """ISIC 2017 Task 1 layout with the clutter the real folders ship (superpixels, metadata, Part 2)."""
+    for p, part in enumerate(parts):
+        data = root / f"ISIC-2017_{part}_Data"
+        truth = root / f"ISIC-2017_{part}_Part1_GroundTruth"
+        for k in range(per_part):
+            sample_id = f"ISIC_{p * 100 + k:07d}"
+            write_image(data / f"{sample_id}.jpg", seed=k)
+            write_image(data / f"{sample_id}_superpixels.png", seed=k)
+            write_mask(truth / f"{sample_id}_segmentation.png", blob())
+        (data / f"ISIC-2017_{part}_Data_metadata.csv").write_text("image_id,age\n")
+        (truth / "LICENSE.txt").write_text("CC\n")
+        (root / f"ISIC-2017_{part}_Part2_GroundTruth").mkdir()
+    return root
+
+
+def error_text(exc_info) -> str:
+    """The DataError message, checked to be one line."""
+    text = str(exc_info.value)
+    assert "\n" not in text
+    return text
+
+
+# ------------------------------------------------------------------------------------------ ISIC
+
+
+def test_isic2016_csv_keeps_first_row_and_official_split(tmp_path):
+    root = make_isic2016(tmp_path)
+    pairs, official = D.find_pairs("ISIC", root)
+    ids = [p.id for p in pairs]
+    assert "ISIC_0000000" in ids and "ISIC_0000010" in ids  # first CSV rows are data, not headers
+    assert ids == sorted(ids) and len(ids) == 5
+    assert official == {"train": ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"], "val": [],
+                        "test": ["ISIC_0000010", "ISIC_0000011"]}
+    first = pairs[0]
+    assert first.image.name == "ISIC_0000000.jpg" and first.mask.name == "ISIC_0000000_Segmentation.png"
+    split = D.resolve_split("isic", root)
+    assert split["source"] == "official" and split["data_name"] == "ISIC" and split["val"] == []
+
+
+def test_isic2016_csv_lists_only_its_ids(tmp_path):
+    root = make_isic2016(tmp_path)
+    write_image(root / "ISBI2016_ISIC_Part3B_Training_Data" / "ISIC_0000099.jpg")  # not in the CSV
+    pairs, _ = D.find_pairs("ISIC", root)
+    assert "ISIC_0000099" not in {p.id for p in pairs}
+
+
+def test_isic2016_without_csv_pairs_folders(tmp_path):
+    root = make_isic2016(tmp_path, csvs=False)
+    pairs, official = D.find_pairs("ISIC", root)
+    assert len(pairs) == 5 and official["test"] == ["ISIC_0000010", "ISIC_0000011"]
+
+
+def test_isic2016_csv_row_with_missing_image(tmp_path):
+    root = make_isic2016(tmp_path)
+    (root / "ISBI2016_ISIC_Part3B_Training_Data" / "ISIC_0000001.jpg").unlink()
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("ISIC", root)
+    assert "ISIC_0000001.jpg" in error_text(exc) and "ISBI2016_ISIC_Part3B_Training_GroundTruth.csv" in str(exc.value)
+
+
+def test_isic2016_csv_row_with_missing_mask(tmp_path):
+    root = make_isic2016(tmp_path)
+    (root / "ISBI2016_ISIC_Part3B_Test_Data" / "ISIC_0000011_Segmentation.png").unlink()
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("ISIC", root)
+    assert "ISIC_0000011_Segmentation.png" in error_text(exc)
+
+
+def test_isic2017_three_parts_official_split_ignores_clutter(tmp_path):
+    root = make_isic2017(tmp_path)
+    pairs, official = D.find_pairs("ISIC", root)
+    assert len(pairs) == 9
+    assert not any("superpixels" in p.image.name for p in pairs)
+    assert official == {"train": [f"ISIC_{k:07d}" for k in range(3)],
+                        "val": [f"ISIC_{100 + k:07d}" for k in range(3)],
+                        "test": [f"ISIC_{200 + k:07d}" for k in range(3)]}
+    assert all(p.mask.parent.name == "ISIC-2017_Test_v2_Part1_GroundTruth" for p in pairs if p.id in official["test"])
+    assert [p.id for p in D.list_pairs("ISIC", root, "val")] == official["val"]
+
+
+def test_isic2017_training_only_has_no_official_split(tmp_path):
+    root = make_isic2017(tmp_path, parts=("Training",), per_part=10)
+    pairs, official = D.find_pairs("ISIC", root)
+    assert len(pairs) == 10 and official is None
+    split = D.resolve_split("ISIC", root, seed=3)
+    assert split["source"] == "seeded" and split["seed"] == 3
+    assert all(split[k] for k in D.SPLITS)
+
+
+def test_isic2018_layout(tmp_path):
+    data, truth = tmp_path / "ISIC2018_Task1-2_Training_Input", tmp_path / "ISIC2018_Task1_Training_GroundTruth"
+    for k in range(3):
+        write_image(data / f"ISIC_{k:07d}.jpg")
+        write_mask(truth / f"ISIC_{k:07d}_segmentation.png", blob())
+    attributes = tmp_path / "ISIC2018_Task2_Training_GroundTruth_v3"
+    write_mask(attributes / "ISIC_0000000_attribute_globules.png", blob())
+    pairs, official = D.find_pairs("ISIC", tmp_path)
+    assert [p.id for p in pairs] == [f"ISIC_{k:07d}" for k in range(3)] and official is None
+
+
+def test_isic_image_without_ground_truth(tmp_path):
+    root = make_isic2017(tmp_path, parts=("Training",))
+    (root / "ISIC-2017_Training_Part1_GroundTruth" / "ISIC_0000001_segmentation.png").unlink()
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("ISIC", root)
+    assert "ISIC_0000001.jpg" in error_text(exc) and "1 image(s)" in str(exc.value)
+
+
+def test_isic_no_image_folders(tmp_path):
+    make_folder(tmp_path, ["a"])
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("ISIC", tmp_path)
+    assert str(tmp_path) in error_text(exc) and "FOLDER" in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------ Kvasir, folder
+
+
+def test_kvasir_noisy_jpeg_masks_are_binary(tmp_path):
+    mask = np.zeros((40, 48), dtype=bool)
+    mask[8:30, 10:40] = True
+    for k in range(3):
+        write_image(tmp_path / "images" / f"cju{k}.jpg", size=(48, 40), seed=k)
+        write_mask(tmp_path / "masks" / f"cju{k}.jpg", mask, rgb=True)
+    raw = np.asarray(Image.open(tmp_path / "masks" / "cju0.jpg"))
+    assert raw.ndim == 3 and len(np.unique(raw)) > 2  # the fixture really is noisy
+    pairs, official = D.find_pairs("KVASIR", tmp_path)
+    assert [p.id for p in pairs] == ["cju0", "cju1", "cju2"] and official is None
+    loaded = D.load_mask(pairs[0].mask)
+    assert loaded.dtype == bool and loaded.shape == (40, 48)
+    assert (loaded != mask).mean() < 0.01
+
+
+def test_folder_mask_suffixes_and_extensions(tmp_path):
+    stems = ["plain", "a", "b", "c", "d"]
+    for i, stem in enumerate(stems):
+        write_image(tmp_path / "images" / f"{stem}{['.png', '.jpg', '.jpeg', '.bmp', '.tif'][i]}", seed=i)
+    for name in ["plain.png", "a_mask.png", "b_segmentation.png", "c_Segmentation.tiff", "d_Mask.bmp"]:
+        write_mask(tmp_path / "masks" / name, blob())
+    (tmp_path / "images" / "notes.txt").write_text("ignored")
+    (tmp_path / "images" / "._plain.png").write_bytes(b"AppleDouble junk")
+    pairs, official = D.find_pairs("FOLDER", tmp_path)
+    assert [p.id for p in pairs] == sorted(stems) and official is None
+    assert {p.id: p.mask.name for p in pairs}["c"] == "c_Segmentation.tiff"
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "1"])
+def test_load_image_modes_give_rgb(tmp_path, mode):
+    path = write_image(tmp_path / f"x_{mode}.png", size=(9, 7), mode=mode)
+    img = D.load_image(path)
+    assert img.mode == "RGB" and img.size == (9, 7)
+
+
+def test_load_image_16bit_grayscale(tmp_path):
+    arr = (np.arange(70, dtype=np.uint16).reshape(7, 10) * 900)
+    path = tmp_path / "deep.png"
+    Image.fromarray(arr).save(path)
+    img = np.asarray(D.load_image(path))
+    assert img.shape == (7, 10, 3) and img.max() > 200 and img.min() == 0
+
+
+def test_load_mask_threshold_rule_and_label_masks(tmp_path):
+    arr = np.array([[0, 128, 129, 255]], dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "m.png")
+    assert D.load_mask(tmp_path / "m.png").tolist() == [[False, False, True, True]]
+    assert D.load_mask(tmp_path / "m.png", threshold=0).tolist() == [[False, True, True, True]]
+    Image.fromarray(np.array([[0, 1, 1, 0]], dtype=np.uint8)).save(tmp_path / "labels.png")
+    assert D.load_mask(tmp_path / "labels.png").tolist() == [[False, True, True, False]]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_unknown_data_name_names_flag():
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("BRATS", "/nowhere")
+    assert "--data_name" in error_text(exc) and all(n in str(exc.value) for n in D.DATA_NAMES)
+
+
+@pytest.mark.parametrize("name", ["ISIC", "KVASIR", "FOLDER"])
+def test_missing_data_dir(tmp_path, name):
+    with pytest.raises(DataError) as exc:
+        D.find_pairs(name, tmp_path / "absent")
+    assert str(tmp_path / "absent") in error_text(exc)
+    with pytest.raises(DataError):
+        D.ensure_dataset(name, tmp_path / "absent")
+
+
+@pytest.mark.parametrize("missing", ["images", "masks"])
+def test_missing_subfolder(tmp_path, missing):
+    (tmp_path / ({"images", "masks"} - {missing}).pop()).mkdir()
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("FOLDER", tmp_path)
+    assert str(tmp_path / missing) in error_text(exc)
+
+
+def test_images_without_masks_named_and_counted(tmp_path):
+    make_folder(tmp_path, [f"img{k}" for k in range(6)], mask_stems=["img0"])
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("FOLDER", tmp_path)
+    text = error_text(exc)
+    assert "5 image(s)" in text and "img1.png" in text and "and 2 more" in text and str(tmp_path / "masks") in text
+
+
+def test_mask_without_image(tmp_path):
+    make_folder(tmp_path, ["a"], mask_stems=["a", "ghost"])
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("KVASIR", tmp_path)
+    assert "ghost.png" in error_text(exc) and "1 mask(s)" in str(exc.value)
+
+
+def test_two_masks_for_one_image(tmp_path):
+    make_folder(tmp_path, ["a"], mask_stems=["a", "a_mask"])
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("FOLDER", tmp_path)
+    assert "a_mask.png" in error_text(exc)
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DataError) as exc:
+        D.find_pairs("FOLDER", tmp_path)
+    assert str(tmp_path) in error_text(exc)
+
+
+def test_corrupt_files_raise_when_loaded(tmp_path):
+    make_folder(tmp_path, ["good", "bad"])
+    (tmp_path / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "masks" / "bad.png").write_bytes(b"not a png")
+    pairs, _ = D.find_pairs("FOLDER", tmp_path)  # listing does not decode
+    bad_image, bad_mask = tmp_path / "images" / "bad.png", tmp_path / "masks" / "bad.png"
+    for loader, path in ((D.load_image, bad_image), (D.load_mask, bad_mask)):
+        with pytest.raises(DataError) as exc:
+            loader(path)
+        assert str(path) in error_text(exc)
+    with pytest.raises(DataError):
+        D.SegmentationDataset(pairs, 8)[0]  # "bad" sorts first
+
+
+def test_truncated_jpeg(tmp_path):
+    path = write_image(tmp_path / "t.jpg", size=(64, 64))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError) as exc:
+        D.load_image(path)
+    assert str(path) in error_text(exc)
+
+
+def test_size_mismatch_names_both_paths(tmp_path):
+    image = write_image(tmp_path / "images" / "a.png", size=(12, 10))
+    mask = write_mask(tmp_path / "masks" / "a.png", np.zeros((5, 6), dtype=bool))
+    with pytest.raises(DataError) as exc:
+        D.SegmentationDataset([Pair("a", image, mask)], 8)[0]
+    assert str(image) in error_text(exc) and str(mask) in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def test_make_split_deterministic_disjoint_covering():
+    ids = [f"id{k:03d}" for k in range(50)]
+    split = D.make_split(ids, seed=1)
+    assert split == D.make_split(list(reversed(ids)), seed=1)  # input order does not matter
+    assert split != D.make_split(ids, seed=2)
+    parts = [set(split[k]) for k in D.SPLITS]
+    assert sum(map(len, parts)) == 50 and set().union(*parts) == set(ids)
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (35, 5, 10)
+    for key in D.SPLITS:
+        assert split[key] == sorted(split[key])
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 7])
+def test_make_split_small_sets_nonempty(n):
+    split = D.make_split([str(k) for k in range(n)])
+    assert all(split[k] for k in D.SPLITS) and sum(len(split[k]) for k in D.SPLITS) == n
+
+
+def test_split_save_load_roundtrip(tmp_path):
+    split = {**D.make_split([str(k) for k in range(10)], seed=4), "source": "seeded", "seed": 4, "data_name": "FOLDER"}
+    path = tmp_path / "run" / "split.json"
+    D.save_split(split, path)
+    assert D.load_split(path) == split
+    assert [p.name for p in path.parent.iterdir()] == ["split.json"]  # no temp file left
+
+
+def test_load_split_missing_or_corrupt(tmp_path):
+    for path, content in ((tmp_path / "absent.json", None), (tmp_path / "bad.json", "{not json"),
+                          (tmp_path / "shape.json", '{"train": []}'),
+                          (tmp_path / "leak.json", '{"train": ["a"], "val": [], "test": ["a"]}')):
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(DataError) as exc:
+            D.load_split(path)
+        assert str(path) in error_text(exc)
+
+
+def test_resolve_split_from_file(tmp_path):
+    root = make_folder(tmp_path / "data", [f"s{k}" for k in range(6)])
+    path = tmp_path / "split.json"
+    D.save_split({"train": ["s0", "s1", "s2"], "val": ["s3"], "test": ["s4", "s5"], "seed": 7}, path)
+    split = D.resolve_split("FOLDER", root, split_file=path)
+    assert split["source"] == "file" and split["test"] == ["s4", "s5"] and split["seed"] == 7
+    assert [p.id for p in D.list_pairs("FOLDER", root, "test", split_file=path)] == ["s4", "s5"]
+    D.save_split({"train": ["s0"], "val": [], "test": ["nope"]}, path)
+    with pytest.raises(DataError) as exc:
+        D.resolve_split("FOLDER", root, split_file=path)
+    assert str(path) in error_text(exc) and "nope" in str(exc.value)
+
+
+def test_list_pairs_splits(tmp_path):
+    root = make_folder(tmp_path, [f"s{k:02d}" for k in range(20)])
+    parts = {k: D.list_pairs("FOLDER", root, k, seed=5) for k in D.SPLITS}
+    assert sum(len(v) for v in parts.values()) == 20 == len(D.list_pairs("FOLDER", root, "all"))
+    assert [p.id for p in parts["test"]] == D.resolve_split("FOLDER", root, seed=5)["test"]
+    with pytest.raises(DataError) as exc:
+        D.list_pairs("FOLDER", root, "holdout")
+    assert "holdout" in error_text(exc)
+
+
+def test_list_pairs_empty_split(tmp_path):
+    root = make_isic2016(tmp_path)
+    with pytest.raises(DataError) as exc:
+        D.list_pairs("ISIC", root, "val")
+    assert "val" in error_text(exc)
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+
+def test_dataset_item_shapes_types_ranges(tmp_path):
+    root = tmp_path
+    write_image(root / "images" / "wide.jpg", size=(30, 17))
+    write_mask(root / "masks" / "wide.png", blob((30, 17)))
+    write_image(root / "images" / "gray.png", size=(20, 20), mode="L")
+    write_mask(root / "masks" / "gray.png", blob((20, 20)))
+    pairs, _ = D.find_pairs("FOLDER", root)
+    for augment in (False, True):
+        ds = D.SegmentationDataset(pairs, 16, augment=augment)
+        assert len(ds) == 2
+        for k in range(2):
+            item = ds[k]
+            assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+            assert item["mask"].shape == (1, 16, 16) and item["mask"].dtype == torch.float32
+            assert 0 <= item["image"].min() and item["image"].max() <= 1
+            assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+            assert item["orig_size"].dtype == torch.long
+        assert ds[0]["id"] == "gray" and ds[0]["orig_size"].tolist() == [20, 20]
+        assert ds[1]["orig_size"].tolist() == [17, 30]
+
+
+def test_mask_resize_is_nearest_not_dilated(tmp_path):
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[:, 21] = True  # 1-pixel-wide line
+    mask[40:50, 40:50] = True
+    image = write_image(tmp_path / "img.png", size=(64, 64))
+    path = write_mask(tmp_path / "m.png", mask)
+    small = D.SegmentationDataset([Pair("m", image, path)], 32)[0]["mask"][0]
+    line_cols = small[:, :18].sum(0)
+    assert (line_cols > 0).sum() <= 1  # bilinear-then-threshold would smear the line over 2+ columns
+    assert small[20:25, 20:25].sum() == 25 and small.sum() <= mask.sum() / 4 + 32
+    same = D.SegmentationDataset([Pair("m", image, path)], 64)[0]["mask"][0]
+    assert torch.equal(same.bool(), torch.from_numpy(mask))
+    big = D.SegmentationDataset([Pair("m", image, path)], 128)[0]["mask"][0]
+    assert torch.equal(big.bool(), torch.from_numpy(mask.repeat(2, 0).repeat(2, 1)))
+
+
+def test_augmentation_shares_geometry_and_keeps_mask_binary(tmp_path):
+    mask = np.zeros((48, 64), dtype=bool)
+    mask[5:30, 8:40] = True
+    mask[35:45, 50:60] = True
+    write_mask(tmp_path / "images" / "a.png", mask)  # grayscale image equal to the mask
+    write_mask(tmp_path / "masks" / "a.png", mask)
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 32, augment=True)
+    torch.manual_seed(0)
+    flips = set()
+    for _ in range(12):
+        item = ds[0]
+        m = item["mask"][0]
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        agree = ((item["image"].mean(0) > 0.5) == m.bool()).float().mean()
+        assert agree > 0.95
+        flips.add(tuple(m.flatten()[:64].tolist()))
+    assert len(flips) > 3  # it really is random
+
+
+# ------------------------------------------------------------------------------------------ synthetic
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_deterministic_and_varied(tmp_path):
+    a = D.make_synthetic(tmp_path / "a", num_images=30, seed=0)
+    b = D.make_synthetic(tmp_path / "b", num_images=30, seed=0)
+    assert _tree(a) == _tree(b) and len(_tree(a)) == 61
+    assert _tree(D.make_synthetic(tmp_path / "c", num_images=30, seed=1)) != _tree(a)
+    meta = json.loads((a / "meta.json").read_text())
+    assert meta["num_images"] == 30 and meta["seed"] == 0 and "version" in meta
+    pairs, official = D.find_pairs("SYNTHETIC", a)
+    assert len(pairs) == 30 and official is None
+    masks = [D.load_mask(p.mask) for p in pairs]
+    for p in pairs:
+        assert set(np.unique(np.asarray(Image.open(p.mask))).tolist()) <= {0, 255}
+    assert sum(not m.any() for m in masks) == 3  # every 10th image has no lesion
+    border = [m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any() for m in masks]
+    assert 1 <= sum(border) < 20
+    shapes = {m.shape for m in masks}
+    assert len(shapes) > 10 and any(h != w for h, w in shapes)
+    assert all(64 <= h <= 128 and 64 <= w <= 128 for h, w in shapes)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_synthetic_reuse_and_conflicts(tmp_path):
+    root = D.make_synthetic(tmp_path / "s", num_images=12)
+    stamp = (root / "images" / "synth_0000.png").stat().st_mtime_ns
+    assert D.make_synthetic(root, num_images=12) == root
+    assert (root / "images" / "synth_0000.png").stat().st_mtime_ns == stamp  # not regenerated
+    D.ensure_dataset("SYNTHETIC", root)  # an existing generated set is accepted as it is
+    with pytest.raises(DataError) as exc:
+        D.make_synthetic(root, num_images=13)
+    assert "--data_dir" in error_text(exc) and str(root / "meta.json") in str(exc.value)
+    foreign = make_folder(tmp_path / "foreign", ["a"])
+    with pytest.raises(DataError) as exc:
+        D.make_synthetic(foreign)
+    assert str(foreign) in error_text(exc) and "--data_dir" in str(exc.value)
+
+
+def test_synthetic_concurrent_generation(tmp_path):
+    root = tmp_path / "shared"
+    with ThreadPoolExecutor(3) as pool:  # like several torchrun ranks calling ensure_dataset at once
+        results = list(pool.map(lambda _: D.make_synthetic(root, num_images=8), range(3)))
+    assert results == [root] * 3
+    assert _tree(root) == _tree(D.make_synthetic(tmp_path / "alone", num_images=8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "shared"]
+
+
+def test_ensure_dataset_generates_default_synthetic(tmp_path):
+    root = tmp_path / "synthetic"
+    D.ensure_dataset("SYNTHETIC", root)
+    assert json.loads((root / "meta.json").read_text())["num_images"] == 240
+    (tmp_path / "empty").mkdir()
+    assert len(D.find_pairs("SYNTHETIC", tmp_path / "empty")[0]) == 240  # generated on first use
+    item = D.SegmentationDataset(D.list_pairs("SYNTHETIC", root, "train"), 64, augment=True)[0]
+    assert item["image"].shape == (3, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------ real data
+
+
+def _check_real(pairs: list[Pair]) -> None:
+    """Every real pair loads, its mask is binary and matches the image size."""
+    for pair in pairs:
+        image, mask = D.load_image(pair.image), D.load_mask(pair.mask)
+        assert mask.dtype == bool and mask.shape == (image.height, image.width)
+        assert 0 < mask.mean() < 1
+
+
+@pytest.mark.skipif(not KVASIR_REAL.is_dir(), reason="../shared/data/Kvasir-SEG absent")
+def test_real_kvasir():
+    pairs, official = D.find_pairs("KVASIR", KVASIR_REAL)
+    assert len(pairs) == 100 and official is None
+    _check_real(pairs[::10])
+    split = D.resolve_split("KVASIR", KVASIR_REAL)
+    assert split["source"] == "seeded" and (len(split["train"]), len(split["val"]), len(split["test"])) == (70, 10, 20)
+    item = D.SegmentationDataset(pairs[:1], 64)[0]
+    assert item["orig_size"].tolist() == list(D.load_mask(pairs[0].mask).shape)
+
+
+@pytest.mark.skipif(not ISIC_REAL.is_dir(), reason="../shared/data/ISIC-2017-256 absent")
+def test_real_isic2017():
+    pairs, official = D.find_pairs("ISIC", ISIC_REAL)
+    assert len(pairs) == 100 and official is None
+    assert all(p.id.startswith("ISIC_") and len(p.id) == 12 for p in pairs)
+    _check_real(pairs[::10])
+    item = D.SegmentationDataset(pairs[:1], 64, augment=True)[0]
+    assert item["orig_size"].tolist() == [256, 256] and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
