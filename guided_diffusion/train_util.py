@@ -1,0 +1,387 @@
+"""The training loop: data order, diffusion loss + calibration-head loss, EMA, AMP, checkpoints, logs.
+
+Resume is exact: the data order, the augmentation of every sample and the noise of every step are pure
+functions of (seed, step), so a run stopped and resumed ends with the same weights as one that never
+stopped (tests/test_train.py checks it).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from . import datasets
+from .checkpoint import (CheckpointError, capture_rng_state, find_latest, load_checkpoint, restore_rng_state,
+                         save_checkpoint)
+from .dist_util import DistInfo
+from .gaussian_diffusion import dice_bce_loss
+from .script_util import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, create_gaussian_diffusion,
+                          create_model, from_dict)
+
+SPLIT_FILE = "split.json"
+LOG_FILE = "log.csv"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (SplitMix64-style), stable across platforms."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class StepSampler(Sampler):
+    """Infinite stream of (index, augmentation seed) in seeded per-epoch permutations.
+
+    The global stream is cut into global batches of batch_size * world_size; rank r takes the r-th slice of
+    each. Position p of the stream is always the same item with the same seed, whatever the world size, so
+    N processes see exactly the samples one process with the global batch would see.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.n, self.b, self.seed = num_items, batch_size, seed
+        self.start_step, self.rank, self.world = start_step, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        step = self.start_step
+        perms: dict[int, np.ndarray] = {}
+        while True:
+            first = (step * self.world + self.rank) * self.b
+            for pos in range(first, first + self.b):
+                epoch, offset = divmod(pos, self.n)
+                if epoch not in perms:
+                    perms = {epoch: np.random.default_rng(_mix(self.seed, epoch)).permutation(self.n)}
+                yield int(perms[epoch][offset]), _mix(self.seed, 7, pos)
+            step += 1
+
+    def __len__(self) -> int:  # pragma: no cover - infinite; DataLoader only needs it for len()
+        return 2 ** 62
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so item (index, seed) is drawn with the torch RNG seeded by `seed` (exact resume)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.base[index]
+
+
+class EMA:
+    """Exponential moving average of the parameters (buffers copied), the weights sampling uses."""
+
+    def __init__(self, model: torch.nn.Module, rate: float):
+        self.rate = rate
+        self.state = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                      for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].mul_(self.rate).add_(v.detach().float(), alpha=1 - self.rate)
+            else:
+                self.state[k].copy_(v)
+
+
+def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
+    """--amp -> autocast dtype (None: fp32). auto: bf16 on CUDA where supported, fp32 elsewhere."""
+    if flag == "none":
+        return None
+    if flag == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if flag == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16  # no bf16 on this GPU: fp16 with a grad scaler instead
+        return torch.bfloat16
+    if flag == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp fp16 needs CUDA; use --amp bf16 or none on CPU")
+        return torch.float16
+    raise ValueError(f"--amp must be auto, none, bf16 or fp16, got {flag!r}")
+
+
+def check_matches_checkpoint(ckpt: dict, model_cfg: ModelConfig, diff_cfg: DiffusionConfig) -> None:
+    """A flag that contradicts the checkpoint being resumed is an error, never a silent mismatch."""
+    for name, given in (("model", asdict(model_cfg)), ("diffusion", asdict(diff_cfg))):
+        saved = ckpt["config"][name]
+        for key, value in given.items():
+            if key in saved and saved[key] != value:
+                raise ValueError(f"--{key} {value} contradicts the checkpoint {ckpt['path']} ({saved[key]}); "
+                                 f"use the same value or another --out_dir")
+
+
+class Trainer:
+    """Owns the model, optimizer, EMA and data stream of one training run."""
+
+    def __init__(self, model_cfg: ModelConfig, diff_cfg: DiffusionConfig, data_cfg: DataConfig,
+                 train_cfg: TrainConfig, dist_info: DistInfo):
+        self.mc, self.dc, self.data_cfg, self.tc, self.di = model_cfg, diff_cfg, data_cfg, train_cfg, dist_info
+        self.out_dir = Path(train_cfg.out_dir)
+        self.device = dist_info.device
+        if train_cfg.max_steps < 1 or train_cfg.batch_size < 1:
+            raise ValueError("--max_steps and --batch_size must be >= 1")
+        if not 0.0 <= train_cfg.ema_rate < 1.0:
+            raise ValueError(f"--ema_rate must be in [0, 1), got {train_cfg.ema_rate}")
+
+        resume_ckpt = self._find_resume()
+        if resume_ckpt is not None:
+            check_matches_checkpoint(resume_ckpt, model_cfg, diff_cfg)
+        self.split = self._resolve_split(resume_ckpt)
+
+        torch.manual_seed(train_cfg.seed)
+        self.diffusion = create_gaussian_diffusion(diff_cfg)
+        self.model = create_model(model_cfg, diff_cfg).to(self.device)
+        self.ema = EMA(self.model, train_cfg.ema_rate)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.amp = amp_dtype(train_cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.step = 0
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt)
+        self.ddp = self.model
+        if dist_info.distributed:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        pairs = datasets.list_pairs(data_cfg.data_name, data_cfg.data_dir, "train",
+                                    split_file=self.out_dir / SPLIT_FILE)
+        self.num_train = len(pairs)
+        dataset = datasets.SegmentationDataset(pairs, model_cfg.image_size, augment=train_cfg.augment)
+        sampler = StepSampler(len(pairs), train_cfg.batch_size, train_cfg.seed, self.step,
+                              dist_info.rank, dist_info.world_size)
+        self.loader = DataLoader(
+            SeededItems(dataset), batch_size=train_cfg.batch_size, sampler=sampler,
+            num_workers=train_cfg.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=train_cfg.num_workers > 0, generator=torch.Generator(),
+            prefetch_factor=4 if train_cfg.num_workers > 0 else None)
+
+    # ----- set-up helpers ---------------------------------------------------------------------------
+    def _find_resume(self) -> dict | None:
+        flag = self.tc.resume
+        if flag == "none":
+            return None
+        if flag == "auto":
+            path = find_latest(self.out_dir)
+            return load_checkpoint(path) if path is not None else None
+        try:
+            return load_checkpoint(flag)
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace("--model_path", "--resume")) from None
+
+    def _resolve_split(self, ckpt: dict | None) -> dict:
+        """The checkpoint's split on resume, else an existing split file in out_dir, else a new one."""
+        split_path = self.out_dir / SPLIT_FILE
+        dcfg = self.data_cfg
+        datasets.ensure_dataset(dcfg.data_name, dcfg.data_dir)
+        if ckpt is not None and ckpt.get("split"):
+            split = ckpt["split"]
+        elif split_path.is_file():
+            split = datasets.load_split(split_path)
+        else:
+            split = datasets.resolve_split(dcfg.data_name, dcfg.data_dir, seed=dcfg.split_seed)
+        if self.di.is_main:
+            datasets.save_split(split, split_path)
+        _dist_barrier()
+        return split
+
+    def _restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.state = {k: v.to(self.device) for k, v in ckpt["ema"].items()}
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        restore_rng_state(ckpt["rng"])
+
+    def payload(self) -> dict:
+        """Everything a checkpoint holds (see DESIGN.md: self-describing)."""
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state,
+            "ema_rate": self.tc.ema_rate,
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "step": self.step,
+            "rng": capture_rng_state(),
+            "config": {"model": asdict(self.mc), "diffusion": asdict(self.dc), "data": asdict(self.data_cfg),
+                       "train": asdict(self.tc)},
+            "split": self.split,
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.di.is_main:
+            path = save_checkpoint(self.out_dir, self.step, self.payload(), keep=self.tc.keep_checkpoints)
+        _dist_barrier()
+        return path
+
+    # ----- one step -----------------------------------------------------------------------------------
+    def _noise_and_t(self, batch_size: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """t and eps for this rank's slice of the global batch, drawn from a generator seeded by the step."""
+        world, rank = self.di.world_size, self.di.rank
+        g = torch.Generator().manual_seed(_mix(self.tc.seed, 11, self.step))
+        t = torch.randint(0, self.diffusion.num_timesteps, (batch_size * world,), generator=g)
+        noise = torch.randn((batch_size * world, *shape), generator=g)
+        sl = slice(rank * batch_size, (rank + 1) * batch_size)
+        return t[sl].to(self.device), noise[sl].to(self.device)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        image = batch["image"].to(self.device, non_blocking=True)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        x_start = mask * 2 - 1
+        t, noise = self._noise_and_t(mask.shape[0], tuple(mask.shape[1:]))
+        x_t = self.diffusion.q_sample(x_start, t, noise)
+        torch.manual_seed(_mix(self.tc.seed, 13, self.step, self.di.rank))  # dropout, step-deterministic
+        autocast = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext())
+        with autocast:
+            out, calib = self.ddp(x_t, self.diffusion.scale_timesteps(t), image=image, return_calib=True)
+        losses = self.diffusion.training_losses(out.float(), x_start, x_t, t, noise)
+        cal = dice_bce_loss(calib.float(), mask)
+        loss = losses["loss"].mean() + self.tc.cal_weight * cal.mean()
+
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.tc.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        values = torch.stack([loss.detach(), losses["mse"].mean().detach(),
+                              losses["vb"].mean().detach() if "vb" in losses else torch.zeros((), device=loss.device),
+                              cal.mean().detach()]).float()
+        if self.di.distributed:
+            dist.all_reduce(values)
+            values /= self.di.world_size
+        values = values.cpu().tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise TrainingDiverged(
+                f"loss became {values[0]} at step {self.step + 1}; stopped before updating the weights. "
+                f"The last good checkpoint is {find_latest(self.out_dir) or 'none (none was saved yet)'}; "
+                f"try a lower --lr, --grad_clip 1, or --amp none")
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema.update(self.model)
+        self.step += 1
+        return {"loss": values[0], "mse": values[1], "vb": values[2], "cal": values[3]}
+
+    # ----- the loop ----------------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        """Train until --max_steps, checkpointing every --save_interval steps and at the end."""
+        tc, main = self.tc, self.di.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            print(f"training on {self.num_train} images ({self.data_cfg.data_name}, split "
+                  f"{self.split.get('source', '?')}); {sum(p.numel() for p in self.model.parameters()):,} "
+                  f"parameters; device {self.device}, amp {self.amp or 'off'}; global batch "
+                  f"{tc.batch_size * self.di.world_size} = {tc.batch_size} x {self.di.world_size} process(es)"
+                  + (f"; resuming at step {self.step}" if self.step else ""), flush=True)
+        if self.step >= tc.max_steps:
+            if main:
+                print(f"already at step {self.step} >= --max_steps {tc.max_steps}: nothing to do")
+            return find_latest(self.out_dir)
+        logger = RunLogger(self.out_dir, enabled=main)
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not main, desc="train", unit="step",
+                   dynamic_ncols=True)
+        self.model.train()
+        window: list[dict[str, float]] = []
+        t_last, seen = time.perf_counter(), 0
+        path = None
+        try:
+            for batch in self.loader:
+                window.append(self.train_step(batch))
+                seen += batch["mask"].shape[0] * self.di.world_size
+                bar.update(1)
+                bar.set_postfix(loss=f"{window[-1]['loss']:.4f}")
+                if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                    now = time.perf_counter()
+                    row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    row.update(step=self.step, lr=self.opt.param_groups[0]["lr"],
+                               images_per_s=seen / max(now - t_last, 1e-9))
+                    logger.log(row)
+                    window, t_last, seen = [], now, 0
+                if self.step % tc.save_interval == 0 or self.step == tc.max_steps:
+                    path = self.save()
+                if self.step >= tc.max_steps:
+                    break
+        finally:
+            bar.close()
+            logger.close()
+        if main:
+            print(f"done: step {self.step}, checkpoint {path}", flush=True)
+        return path
+
+
+class RunLogger:
+    """CSV log (and TensorBoard when installed) written by the main process only."""
+
+    FIELDS = ["step", "loss", "mse", "vb", "cal", "lr", "images_per_s"]
+
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.path = Path(out_dir) / LOG_FILE
+        new = not self.path.exists()
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        if new:
+            self.writer.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        except Exception:  # tensorboard not installed: the CSV log is enough
+            self.tb = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow({k: row.get(k, "") for k in self.FIELDS})
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _dist_barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_configs(ckpt: dict) -> tuple[ModelConfig, DiffusionConfig, DataConfig]:
+    """The model, diffusion and data configs a checkpoint was trained with."""
+    cfg = ckpt["config"]
+    return from_dict(ModelConfig, cfg["model"]), from_dict(DiffusionConfig, cfg["diffusion"]), \
+        from_dict(DataConfig, cfg["data"])

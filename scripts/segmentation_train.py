@@ -1,0 +1,37 @@
+"""Train a MedSegDiff-style diffusion segmenter (single process, or one process per GPU under torchrun)."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion import dist_util  # noqa: E402
+from guided_diffusion.cli import run_cli  # noqa: E402
+from guided_diffusion.script_util import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig,  # noqa: E402
+                                          add_dataclass_args, from_namespace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_args(parser, DataConfig, "data")
+    add_dataclass_args(parser, ModelConfig, "model")
+    add_dataclass_args(parser, DiffusionConfig, "diffusion")
+    add_dataclass_args(parser, TrainConfig, "training")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from guided_diffusion.train_util import Trainer
+
+    info = dist_util.setup(args.device)
+    try:
+        Trainer(from_namespace(ModelConfig, args), from_namespace(DiffusionConfig, args),
+                from_namespace(DataConfig, args), from_namespace(TrainConfig, args), info).run()
+    finally:
+        dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)

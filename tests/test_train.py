@@ -1,0 +1,147 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from guided_diffusion import gaussian_diffusion, train_util
+from guided_diffusion.checkpoint import find_latest, load_checkpoint
+from guided_diffusion.dist_util import DistInfo
+from guided_diffusion.script_util import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_CMD = ("--data_name ISIC --data_dir ISIC --out_dir runs/isic --image_size 256 --num_channels 128 "
+            "--class_cond False --num_res_blocks 2 --num_heads 1 --learn_sigma True --use_scale_shift_norm False "
+            "--attention_resolutions 16 --diffusion_steps 1000 --noise_schedule linear "
+            "--rescale_learned_sigmas False --rescale_timesteps False --lr 1e-4 --batch_size 16").split()
+
+
+def tiny(tmp_path, data_dir, **train):
+    mc = ModelConfig(image_size=16, num_channels=8, num_res_blocks=1, attention_resolutions="8")
+    dc = DiffusionConfig(diffusion_steps=50, learn_sigma=train.pop("learn_sigma", True))
+    data = DataConfig(data_name="SYNTHETIC", data_dir=str(data_dir))
+    opts = dict(out_dir=str(tmp_path), batch_size=4, max_steps=4, save_interval=2, log_interval=1,
+                num_workers=0, device="cpu", ema_rate=0.9)
+    tc = TrainConfig(**{**opts, **train})
+    return mc, dc, data, tc
+
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def syn_dir(tmp_path_factory):
+    from guided_diffusion.datasets import make_synthetic
+    d = tmp_path_factory.mktemp("syn")
+    make_synthetic(d, num_images=24)
+    return d
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_is_self_describing(tmp_path, syn_dir):
+    train_util.Trainer(*tiny(tmp_path, syn_dir), CPU).run()
+    ckpt = load_checkpoint(find_latest(tmp_path))
+    assert ckpt["step"] == 4 and Path(ckpt["path"]).name == "model_0000004.pt"
+    for key in ("model", "ema", "optimizer", "scaler", "rng", "config", "split"):
+        assert key in ckpt
+    assert ckpt["config"]["model"]["image_size"] == 16 and ckpt["config"]["diffusion"]["diffusion_steps"] == 50
+    assert set(ckpt["split"]["train"]).isdisjoint(ckpt["split"]["test"])
+    assert (tmp_path / "split.json").is_file() and (tmp_path / "log.csv").read_text().count("\n") == 5
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_resume_ends_with_same_weights_as_uninterrupted_run(tmp_path, syn_dir):
+    straight = train_util.Trainer(*tiny(tmp_path / "a", syn_dir, max_steps=6), CPU)
+    straight.run()
+    cfg = tiny(tmp_path / "b", syn_dir, max_steps=3)
+    train_util.Trainer(*cfg, CPU).run()
+    cfg[3].max_steps = 6
+    resumed = train_util.Trainer(*cfg, CPU)
+    assert resumed.step == 3
+    resumed.run()
+    assert states_equal(straight.model.state_dict(), resumed.model.state_dict())
+    assert states_equal(straight.ema.state, resumed.ema.state)
+    sa, sb = straight.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    assert all(states_equal(sa[k], sb[k]) for k in sa)
+    # and training actually moved the weights
+    fresh = train_util.Trainer(*tiny(tmp_path / "c", syn_dir, max_steps=6), CPU)
+    assert not states_equal(fresh.model.state_dict(), straight.model.state_dict())
+
+
+def test_learn_sigma_false_trains(tmp_path, syn_dir):
+    t = train_util.Trainer(*tiny(tmp_path, syn_dir, learn_sigma=False, max_steps=2), CPU)
+    t.run()
+    assert t.model.out_channels == 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, syn_dir, monkeypatch):
+    trainer = train_util.Trainer(*tiny(tmp_path, syn_dir, max_steps=6), CPU)
+    real = gaussian_diffusion.dice_bce_loss
+
+    def poisoned(logits, target):
+        out = real(logits, target)
+        return out * float("nan") if trainer.step >= 3 else out
+
+    monkeypatch.setattr(train_util, "dice_bce_loss", poisoned)
+    with pytest.raises(train_util.TrainingDiverged, match="model_0000002.pt"):
+        trainer.run()
+    assert find_latest(tmp_path).name == "model_0000002.pt"
+    assert torch.isfinite(torch.cat([p.flatten() for p in trainer.model.parameters()])).all()
+
+
+def test_step_sampler_shards_the_global_batch():
+    one = train_util.StepSampler(10, 6, seed=3)
+    it = iter(one)
+    single = [next(it) for _ in range(6 * 5)]
+    ranks = []
+    for r in range(2):
+        it = iter(train_util.StepSampler(10, 3, seed=3, rank=r, world_size=2))
+        ranks.append([next(it) for _ in range(3 * 5)])
+    merged = [x for s in range(5) for r in range(2) for x in ranks[r][3 * s:3 * s + 3]]
+    assert merged == single
+    # each epoch is a permutation of the items
+    assert sorted(i for i, _ in single[:10]) == list(range(10))
+    it = iter(train_util.StepSampler(10, 6, seed=3, start_step=2))
+    assert [next(it) for _ in range(6)] == single[12:18]
+
+
+def test_resume_with_contradicting_flag_is_an_error(tmp_path, syn_dir):
+    mc, dc, data, tc = tiny(tmp_path, syn_dir, max_steps=2)
+    train_util.Trainer(mc, dc, data, tc, CPU).run()
+    mc.num_channels = 16
+    with pytest.raises(ValueError, match="--num_channels 16 contradicts"):
+        train_util.Trainer(mc, dc, data, tc, CPU)
+
+
+def test_seed_command_parses_unchanged():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import segmentation_train
+    args = segmentation_train.build_parser().parse_args(SEED_CMD)
+    assert (args.image_size, args.num_channels, args.learn_sigma, args.use_scale_shift_norm) == (256, 128, True, False)
+    assert args.attention_resolutions == "16" and args.lr == 1e-4 and args.max_steps > 0
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "segmentation_train.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_and_reports_bad_input(tmp_path, syn_dir):
+    small = ["--image_size", "16", "--num_channels", "8", "--num_res_blocks", "1", "--diffusion_steps", "20",
+             "--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
+    r = run_script("--data_name", "SYNTHETIC", "--data_dir", str(syn_dir), "--out_dir", str(tmp_path / "ok"),
+                   "--max_steps", "2", "--log_interval", "1", *small)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ok" / "model_0000002.pt").is_file()
+    r = run_script("--data_name", "KVASIR", "--data_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "x"),
+                   *small)
+    assert r.returncode == 2 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_script("--data_name", "SYNTHETIC", "--data_dir", str(syn_dir), "--out_dir", str(tmp_path / "y"),
+                   "--class_cond", "True", *small)
+    assert r.returncode == 2 and "--class_cond" in r.stderr
+    r = run_script("--learn_sigma", "maybe")
+    assert r.returncode == 2 and "learn_sigma" in r.stderr
