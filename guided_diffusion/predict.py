@@ -1,0 +1,210 @@
+"""Sample the masks of a data split with a trained checkpoint, fuse the ensemble, write the prediction folder.
+
+The checkpoint is the single source of the model, the diffusion schedule, the data set and its split;
+sampling flags that contradict it are an error. Outputs follow DESIGN.md (see outputs.PredictionWriter).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from . import datasets
+from .checkpoint import load_checkpoint
+from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
+from .gaussian_diffusion import GaussianDiffusion
+from .outputs import PredictionWriter
+from .sampling import SamplerSpec, image_seed, sample_ensemble
+from .script_util import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
+
+SPLIT_FILE = "split.json"
+
+
+@dataclass
+class SampleConfig:
+    """Flags of segmentation_sample.py that are not model or diffusion settings."""
+    model_path: str = field(default="", metadata={"help": "checkpoint file, or a run folder (its latest)"})
+    out_dir: str = field(default="runs/samples", metadata={"help": "prediction folder"})
+    data_name: str = field(default="", metadata={"help": "data set (default: the checkpoint's)"})
+    data_dir: str = field(default="", metadata={"help": "data root (default: the checkpoint's)"})
+    split: str = field(default="test", metadata={"help": "train, val, test or all (the training run's split)"})
+    sampler: str = field(default="", metadata={"help": "ddpm, ddim, dpm_solver or dpm_solver++ (default: ddpm, "
+                                                       "or dpm_solver++ with --dpm_solver True)"})
+    steps: int = field(default=0, metadata={"help": "sampling steps (default: all T for ddpm, 50 for ddim, "
+                                                    "20 for the solvers)"})
+    dpm_solver: bool = field(default=False, metadata={"help": "seed flag: DPM-Solver++ (multistep, order 2); "
+                                                              "--diffusion_steps then gives the step count"})
+    order: int = field(default=2, metadata={"help": "DPM-Solver order (1, 2, 3)"})
+    skip_type: str = field(default="time_uniform", metadata={"help": "time_uniform, logSNR or time_quadratic"})
+    method: str = field(default="multistep", metadata={"help": "multistep, singlestep or singlestep_fixed"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM noise (0: deterministic)"})
+    num_ensemble: int = field(default=5, metadata={"help": "masks sampled per image"})
+    batch_size: int = field(default=4, metadata={"help": "images per batch (each with all its members)"})
+    fusion: str = field(default="mean", metadata={"help": "mean, vote or staple"})
+    uncertainty: str = field(default="std", metadata={"help": "std or entropy"})
+    save_overlays: bool = field(default=False, metadata={"help": "also write overlays/<id>.png"})
+    overwrite: bool = field(default=False, metadata={"help": "resample images already in --out_dir"})
+    max_images: int = field(default=0, metadata={"help": "sample only the first N images of the split (0: all)"})
+    seed: int = field(default=0, metadata={"help": "random seed (per image, so results do not depend on batching)"})
+    use_ema: bool = field(default=True, metadata={"help": "sample with the EMA weights"})
+    amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), none or bf16"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    num_workers: int = field(default=2, metadata={"help": "data-loading workers"})
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to sample, with the diffusion and data settings it was trained with."""
+    model: torch.nn.Module
+    diffusion: GaussianDiffusion
+    model_cfg: ModelConfig
+    diffusion_cfg: DiffusionConfig
+    ckpt: dict
+
+
+def load_model(model_path: str, device: torch.device, use_ema: bool = True) -> LoadedModel:
+    """Build the network from the checkpoint's config and load its (EMA) weights."""
+    ckpt = load_checkpoint(model_path)
+    mc = from_dict(ModelConfig, ckpt["config"]["model"])
+    dc = from_dict(DiffusionConfig, ckpt["config"]["diffusion"])
+    model = create_model(mc, dc)
+    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+    model.to(device).eval()
+    return LoadedModel(model, create_gaussian_diffusion(dc), mc, dc, ckpt)
+
+
+def check_flags_against_checkpoint(given: dict, ckpt: dict, dpm_solver: bool) -> None:
+    """Model/diffusion flags the user gave must equal the checkpoint's (the seed passes them all)."""
+    saved = {**ckpt["config"]["model"], **ckpt["config"]["diffusion"]}
+    for key, value in given.items():
+        if value is None or key not in saved or saved[key] == value:
+            continue
+        if key == "diffusion_steps" and dpm_solver:
+            continue  # the seed's `--dpm_solver True --diffusion_steps 50`: 50 solver steps, trained schedule
+        hint = " (the number of sampling steps is --steps)" if key == "diffusion_steps" else ""
+        raise ValueError(f"--{key} {value} contradicts the checkpoint {ckpt['path']} ({saved[key]}){hint}")
+
+
+def resolve_spec(cfg: SampleConfig, diffusion_steps_flag: int | None, num_timesteps: int) -> SamplerSpec:
+    """The sampler to run, from --sampler/--steps and the seed's --dpm_solver/--diffusion_steps."""
+    sampler = cfg.sampler or ("dpm_solver++" if cfg.dpm_solver else "ddpm")
+    steps = cfg.steps
+    if not steps:
+        if cfg.dpm_solver and diffusion_steps_flag:
+            steps = diffusion_steps_flag
+        else:
+            steps = {"ddpm": num_timesteps, "ddim": min(50, num_timesteps)}.get(sampler, min(20, num_timesteps))
+    spec = SamplerSpec(sampler=sampler, steps=steps, order=cfg.order, skip_type=cfg.skip_type,
+                       method=cfg.method, eta=cfg.eta)
+    spec.validate(num_timesteps)
+    return spec
+
+
+def _validate(cfg: SampleConfig) -> None:
+    if cfg.num_ensemble < 1 or cfg.batch_size < 1:
+        raise ValueError("--num_ensemble and --batch_size must be >= 1")
+    if cfg.fusion not in FUSIONS:
+        raise ValueError(f"--fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
+    if cfg.uncertainty not in UNCERTAINTIES:
+        raise ValueError(f"--uncertainty must be one of {', '.join(UNCERTAINTIES)}, got {cfg.uncertainty!r}")
+    if cfg.split not in ("train", "val", "test", "all"):
+        raise ValueError(f"--split must be train, val, test or all, got {cfg.split!r}")
+
+
+def sampling_autocast(flag: str, device: torch.device):
+    """bf16 autocast on CUDA (auto/bf16); fp32 on CPU unless bf16 is asked for."""
+    if flag not in ("auto", "none", "bf16"):
+        raise ValueError(f"--amp must be auto, none or bf16, got {flag!r}")
+    if flag == "bf16" or (flag == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: int = 0,
+                 world_size: int = 1) -> dict:
+    """Sample every image of the split not already done; returns a summary (images, seconds, nfe)."""
+    _validate(cfg)
+    if not cfg.model_path:
+        raise ValueError("--model_path is required (a checkpoint file or a training run folder)")
+    lm = load_model(cfg.model_path, device, cfg.use_ema)
+    check_flags_against_checkpoint(model_flags, lm.ckpt, cfg.dpm_solver)
+    spec = resolve_spec(cfg, model_flags.get("diffusion_steps"), lm.diffusion.num_timesteps)
+
+    data = lm.ckpt["config"]["data"]
+    data_name, data_dir = cfg.data_name or data["data_name"], cfg.data_dir or data["data_dir"]
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split_path = out_dir / SPLIT_FILE
+    if rank == 0:
+        split = lm.ckpt.get("split")
+        if data_name == data["data_name"] and split:
+            datasets.save_split(split, split_path)  # the training run's split: no test image was trained on
+        else:
+            datasets.save_split(datasets.resolve_split(data_name, data_dir, seed=data.get("split_seed", 0)),
+                                split_path)
+    _barrier()
+    pairs = datasets.list_pairs(data_name, data_dir, cfg.split, split_file=split_path)
+    if cfg.max_images:
+        pairs = pairs[:cfg.max_images]
+    pairs = pairs[rank::world_size]
+    by_id = {p.id: p for p in pairs}
+    writer = PredictionWriter(out_dir, save_overlays=cfg.save_overlays, overwrite=cfg.overwrite)
+    todo = [i for i, p in enumerate(pairs) if not writer.done(p.id)]
+    dataset = datasets.SegmentationDataset(pairs, lm.model_cfg.image_size, augment=False)
+    loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda")
+    record_base = {"sampler": spec.sampler, "steps": spec.steps, "num_ensemble": cfg.num_ensemble,
+                   "fusion": cfg.fusion, "split": cfg.split}
+    total_s, nfe = 0.0, 0
+    bar = tqdm(total=len(todo), desc=f"sample {spec.sampler}-{spec.steps}", unit="img", disable=rank != 0,
+               dynamic_ncols=True)
+    if rank == 0 and len(todo) < len(pairs):
+        print(f"{len(pairs) - len(todo)} of {len(pairs)} images already in {out_dir}: skipped "
+              f"(--overwrite True to resample them)", flush=True)
+    try:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            if images.shape[1] != lm.model.image_channels:
+                raise ValueError(f"images have {images.shape[1]} channels but the checkpoint's model expects "
+                                 f"{lm.model.image_channels}")
+            ids = list(batch["id"])
+            _sync(device)
+            start = time.perf_counter()
+            with sampling_autocast(cfg.amp, device):
+                result = sample_ensemble(lm.model, lm.diffusion, images, cfg.num_ensemble, spec,
+                                         [image_seed(cfg.seed, i) for i in ids])
+            fused = fuse(result.members, cfg.fusion)
+            unc = uncertainty(result.members, cfg.uncertainty)
+            _sync(device)
+            per_image = (time.perf_counter() - start) / len(ids)
+            total_s += per_image * len(ids)
+            nfe = result.nfe
+            for k, image_id in enumerate(ids):
+                size = tuple(int(v) for v in batch["orig_size"][k])
+                image = np.asarray(datasets.load_image(by_id[image_id].image)) if cfg.save_overlays else None
+                writer.write(image_id, fused[k].cpu(), unc[k].cpu(), size, image=image,
+                             record={**record_base, "id": image_id, "nfe": result.nfe,
+                                     "seconds": round(per_image, 4)})
+            bar.update(len(ids))
+    finally:
+        bar.close()
+        writer.close()
+    return {"images": len(todo), "skipped": len(pairs) - len(todo), "seconds": total_s, "nfe": nfe,
+            "sampler": spec.sampler, "steps": spec.steps, "out_dir": str(out_dir)}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,41 @@
+"""Sample an ensemble of masks per image with a trained checkpoint, fuse them, save masks and uncertainty."""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion import dist_util  # noqa: E402
+from guided_diffusion.cli import run_cli  # noqa: E402
+from guided_diffusion.predict import SampleConfig, run_sampling  # noqa: E402
+from guided_diffusion.script_util import (DiffusionConfig, ModelConfig, add_dataclass_args,  # noqa: E402
+                                          from_namespace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_dataclass_args(parser, SampleConfig, "sampling")
+    # Model and diffusion flags are optional: the checkpoint holds them; a given one must agree with it.
+    add_dataclass_args(parser, ModelConfig, "model (checked against the checkpoint)", use_defaults=False)
+    add_dataclass_args(parser, DiffusionConfig, "diffusion (checked against the checkpoint)", use_defaults=False)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    cfg = from_namespace(SampleConfig, args)
+    model_flags = {**vars(from_namespace(ModelConfig, args)), **vars(from_namespace(DiffusionConfig, args))}
+    info = dist_util.setup(cfg.device)
+    try:
+        summary = run_sampling(cfg, model_flags, info.device, info.rank, info.world_size)
+    finally:
+        dist_util.cleanup()
+    if info.is_main:
+        n = summary["images"]
+        rate = f", {summary['seconds'] / n:.3f} s/image" if n else ""
+        print(f"{summary['sampler']} {summary['steps']} steps, {summary['nfe']} NFE: {n} images sampled"
+              f"{rate} ({summary['skipped']} already done) -> {summary['out_dir']}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,199 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dpm_solver import NoiseScheduleVP
+from guided_diffusion import predict
+from guided_diffusion.gaussian_diffusion import create_diffusion
+from guided_diffusion.sampling import (SamplerSpec, respaced, sample_ensemble, spaced_timesteps)
+from guided_diffusion.unet import Condition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PointMassModel(torch.nn.Module):
+    """The exact eps for data that is the constant mask value c: eps = (x - alpha_t c) / sigma_t.
+
+    Noise levels at real-valued t come from the same discrete schedule DPM-Solver interpolates."""
+
+    def __init__(self, diffusion, c, learn_sigma=False):
+        super().__init__()
+        self.schedule = NoiseScheduleVP("discrete", betas=diffusion.betas)
+        self.n, self.c, self.learn_sigma = diffusion.num_timesteps, c, learn_sigma
+        self.encodes, self.calls, self.image_channels = 0, 0, 3
+
+    def encode_condition(self, image):
+        self.encodes += 1
+        return Condition([image.mean(1, keepdim=True)], image[:, :1])
+
+    def forward(self, x, t, cond=None, image=None):
+        self.calls += 1
+        assert cond is not None and cond.features[0].shape[0] == x.shape[0]
+        tc = (t.double() + 1) / self.n
+        a = self.schedule.marginal_alpha(tc).reshape(-1, 1, 1, 1).to(x.dtype)
+        s = self.schedule.marginal_std(tc).reshape(-1, 1, 1, 1).to(x.dtype)
+        eps = (x - a * self.c) / s
+        return torch.cat([eps, torch.zeros_like(eps)], 1) if self.learn_sigma else eps
+
+
+def test_spaced_timesteps_cover_both_ends():
+    for steps in (1, 2, 7, 50, 100):
+        ts = spaced_timesteps(100, steps)
+        assert ts[0] == 99 and ts == sorted(ts, reverse=True) and len(ts) == steps
+        if steps > 1:
+            assert ts[-1] == 0
+
+
+def test_respacing_all_steps_is_identity_and_keeps_alpha_bar():
+    d = create_diffusion(100, "linear", True)
+    torch.testing.assert_close(respaced(d, list(range(100))).betas, d.betas)
+    keep = spaced_timesteps(100, 10)
+    r = respaced(d, keep)
+    torch.testing.assert_close(r.alphas_cumprod, d.alphas_cumprod[sorted(keep)])
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 100), ("ddpm", 10), ("ddim", 10), ("dpm_solver", 10),
+                                           ("dpm_solver++", 10), ("dpm_solver++", 5)])
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_every_sampler_lands_on_point_mass_data_and_counts_nfe(sampler, steps, learn_sigma):
+    d = create_diffusion(100, "cosine", learn_sigma)
+    c = 0.6
+    model = PointMassModel(d, c, learn_sigma)
+    images = torch.rand(2, 3, 8, 8)
+    res = sample_ensemble(model, d, images, 3, SamplerSpec(sampler, steps), seeds=[1, 2])
+    assert res.members.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(res.members, torch.full_like(res.members, (c + 1) / 2), atol=2e-3, rtol=0)
+    # the solvers spend one more evaluation denoising from t = 1/N to x_0
+    assert res.nfe == model.calls == steps + (sampler.startswith("dpm_solver"))
+    assert model.encodes == 1  # image features once per batch, reused by every step and member
+
+
+def test_ddpm_is_stochastic_per_member_and_reproducible_per_image():
+    d = create_diffusion(50, "linear", False)
+
+    class Zero(PointMassModel):  # predicts eps = 0: ancestral noise makes the members differ
+        def forward(self, x, t, cond=None, image=None):
+            return torch.zeros_like(x)
+
+    model = Zero(d, 0.0)
+    images = torch.rand(3, 3, 8, 8)
+    spec = SamplerSpec("ddpm", 20)
+    a = sample_ensemble(model, d, images, 4, spec, seeds=[10, 11, 12]).members
+    assert (a[0, 0] - a[0, 1]).abs().max() > 1e-3
+    # image 1 alone, with its seed, gives the same members as inside the batch
+    b = sample_ensemble(model, d, images[1:2], 4, spec, seeds=[11]).members
+    torch.testing.assert_close(a[1:2], b)
+
+
+def test_spec_validation_names_the_flag():
+    d = create_diffusion(20, "linear", False)
+    with pytest.raises(ValueError, match="--steps"):
+        SamplerSpec("ddim", 50).validate(d.num_timesteps)
+    with pytest.raises(ValueError, match="--sampler"):
+        SamplerSpec("euler", 5).validate(20)
+    with pytest.raises(ValueError, match="--order"):
+        SamplerSpec("dpm_solver++", 5, order=4).validate(20)
+
+
+def test_seed_fast_command_means_dpm_solver_pp_on_trained_schedule():
+    cfg = predict.SampleConfig(dpm_solver=True)
+    spec = predict.resolve_spec(cfg, 50, 1000)
+    assert (spec.sampler, spec.steps, spec.order, spec.method) == ("dpm_solver++", 50, 2, "multistep")
+    assert predict.resolve_spec(predict.SampleConfig(), 1000, 1000).sampler == "ddpm"
+    assert predict.resolve_spec(predict.SampleConfig(), None, 1000).steps == 1000
+    ckpt = {"path": "m.pt", "config": {"model": {"image_size": 64}, "diffusion": {"diffusion_steps": 1000}}}
+    predict.check_flags_against_checkpoint({"diffusion_steps": 50, "image_size": 64}, ckpt, dpm_solver=True)
+    with pytest.raises(ValueError, match="--diffusion_steps 50 contradicts"):
+        predict.check_flags_against_checkpoint({"diffusion_steps": 50}, ckpt, dpm_solver=False)
+    with pytest.raises(ValueError, match="--image_size 256 contradicts"):
+        predict.check_flags_against_checkpoint({"image_size": 256}, ckpt, dpm_solver=True)
+
+
+# ----- end to end through the scripts, on a tiny trained checkpoint ---------------------------------
+def script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from guided_diffusion.datasets import make_synthetic
+    base = tmp_path_factory.mktemp("run")
+    make_synthetic(base / "data", num_images=20)
+    r = script("segmentation_train.py", "--data_name", "SYNTHETIC", "--data_dir", base / "data", "--out_dir",
+               base / "run", "--image_size", 16, "--num_channels", 8, "--num_res_blocks", 1,
+               "--diffusion_steps", 40, "--batch_size", 4, "--max_steps", 2, "--num_workers", 0, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    return base
+
+
+def read(p):
+    return np.array(Image.open(p))
+
+
+def test_sample_script_writes_the_contract_and_resumes(trained):
+    out = trained / "pred"
+    common = ["--model_path", trained / "run", "--out_dir", out, "--num_ensemble", 3, "--batch_size", 2,
+              "--num_workers", 0, "--device", "cpu", "--max_images", 3]
+    r = script("segmentation_sample.py", *common, "--sampler", "dpm_solver++", "--steps", 4, "--save_overlays",
+               "True", "--fusion", "staple")
+    assert r.returncode == 0, r.stderr
+    import csv
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 3 and {"id", "sampler", "steps", "nfe", "seconds"} <= set(rows[0])
+    assert rows[0]["nfe"] == "5" and rows[0]["sampler"] == "dpm_solver++"
+    from guided_diffusion.datasets import list_pairs, load_image
+    pairs = {p.id: p for p in list_pairs("SYNTHETIC", trained / "data", "test", split_file=out / "split.json")}
+    for row in rows:
+        mask = read(out / f"{row['id']}.png")
+        w, h = load_image(pairs[row["id"]].image).size
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        for sub in ("prob", "uncertainty", "overlays"):
+            assert (out / sub / f"{row['id']}.png").is_file()
+    # test images are exactly the training run's test split
+    import json
+    split = json.load(open(trained / "run" / "split.json"))
+    assert {r["id"] for r in rows} <= set(split["test"])
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    r = script("segmentation_sample.py", *common, "--sampler", "dpm_solver++", "--steps", 4,
+               "--save_overlays", "True")
+    assert r.returncode == 0 and "3 of 3 images already" in r.stdout
+    assert before == {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    # the evaluation script accepts the folder as it is
+    r = script("segmentation_env.py", "--inp_pth", out, "--data_name", "SYNTHETIC", "--data_dir", trained / "data",
+               "--allow_missing")
+    assert r.returncode == 0, r.stderr
+
+
+def test_sample_script_is_reproducible_with_seed(trained):
+    outs = []
+    for k in range(2):
+        out = trained / f"rep{k}"
+        r = script("segmentation_sample.py", "--model_path", trained / "run", "--out_dir", out, "--sampler", "ddpm",
+                   "--steps", 5, "--num_ensemble", 2, "--max_images", 2, "--batch_size", 2 - k, "--seed", 7,
+                   "--num_workers", 0, "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        outs.append({p.name: read(p) for p in sorted((out / "prob").glob("*.png"))})
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) == 2
+    for name in outs[0]:  # batch size 2 vs 1: same pixels
+        assert np.abs(outs[0][name].astype(int) - outs[1][name]).max() <= 1
+
+
+def test_sample_script_bad_inputs_are_one_line_errors(trained, tmp_path):
+    r = script("segmentation_sample.py", "--model_path", tmp_path / "missing.pt", "--out_dir", tmp_path / "o")
+    assert r.returncode == 2 and "missing.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = script("segmentation_sample.py", "--model_path", bad, "--out_dir", tmp_path / "o")
+    assert r.returncode == 2 and "bad.pt" in r.stderr
+    r = script("segmentation_sample.py", "--model_path", trained / "run", "--out_dir", tmp_path / "o",
+               "--num_channels", 64, "--device", "cpu")
+    assert r.returncode == 2 and "--num_channels 64 contradicts" in r.stderr
+    r = script("segmentation_sample.py", "--model_path", trained / "run", "--out_dir", tmp_path / "o",
+               "--fusion", "max", "--device", "cpu")
+    assert r.returncode == 2 and "--fusion" in r.stderr
