@@ -197,3 +197,23 @@ def test_sample_script_bad_inputs_are_one_line_errors(trained, tmp_path):
     r = script("segmentation_sample.py", "--model_path", trained / "run", "--out_dir", tmp_path / "o",
                "--fusion", "max", "--device", "cpu")
     assert r.returncode == 2 and "--fusion" in r.stderr
+
+
+def test_benchmark_compares_against_the_ddpm_reference(trained, tmp_path):
+    from guided_diffusion import benchmark
+    assert benchmark.parse_configs("ddpm:40, dpm_solver++:4") == [("ddpm", 40), ("dpm_solver++", 4)]
+    with pytest.raises(ValueError, match="--configs"):
+        benchmark.parse_configs("ddpm")
+    r = script("benchmark_sampling.py", "--model_path", trained / "run", "--out_dir", tmp_path / "b", "--configs",
+               "ddpm:1000,ddim:4,dpm_solver++:3", "--num_ensemble", 2, "--max_images", 2, "--ensemble_check",
+               "dpm_solver++:3", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "b" / "benchmark.csv")))
+    assert [(x["sampler"], x["steps"], x["nfe"]) for x in rows] == [("ddpm", "40", "40"), ("ddim", "4", "4"),
+                                                                     ("dpm_solver++", "3", "4")]
+    ref = rows[0]
+    assert float(ref["dice_delta"]) == 0 and float(ref["speedup"]) == 1
+    for x in rows:
+        assert float(x["dice_delta"]) == pytest.approx(float(x["dice"]) - float(ref["dice"]))
+    assert "ensemble cost" in (tmp_path / "b" / "benchmark.md").read_text()

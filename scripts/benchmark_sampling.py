@@ -1,0 +1,74 @@
+"""Benchmark the samplers on one model and one set of images: NFE, seconds per image, Dice, speed-up.
+
+Every row is measured in this one run, on the same images and weights; the reference is DDPM over all the
+model's training steps. Also measures what a batched ensemble costs against a single member.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion import benchmark, dist_util  # noqa: E402
+from guided_diffusion.checkpoint import atomic_write_bytes, load_checkpoint  # noqa: E402
+from guided_diffusion.cli import run_cli  # noqa: E402
+from guided_diffusion.predict import SampleConfig  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model_path", required=True, help="checkpoint or training run folder")
+    p.add_argument("--data_name", default="", help="data set (default: the checkpoint's)")
+    p.add_argument("--data_dir", default="", help="data root (default: the checkpoint's)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out_dir", default="runs/benchmark", help="where the masks and the table go")
+    p.add_argument("--configs", default="ddpm:1000,ddim:50,dpm_solver:20,dpm_solver++:10,dpm_solver++:20",
+                   help="comma-separated sampler:steps (ddpm steps above the model's T are clipped to T)")
+    p.add_argument("--num_ensemble", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--max_images", type=int, default=20, help="images of the split to use (0: all)")
+    p.add_argument("--ensemble_check", default="dpm_solver++:20",
+                   help="sampler:steps timed with 1 member vs --num_ensemble members ('' to skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    device = dist_util.resolve_device(args.device)
+    ckpt = load_checkpoint(args.model_path)
+    T = ckpt["config"]["diffusion"]["diffusion_steps"]
+    data = (args.data_name or ckpt["config"]["data"]["data_name"], args.data_dir or ckpt["config"]["data"]["data_dir"])
+    base = SampleConfig(model_path=ckpt["path"], data_name=data[0], data_dir=data[1], split=args.split,
+                        batch_size=args.batch_size, max_images=args.max_images, seed=args.seed,
+                        device=args.device, num_workers=0)
+    out_root = Path(args.out_dir)
+    rows = []
+    for sampler, steps in benchmark.parse_configs(args.configs):
+        steps = min(steps, T)
+        print(f"== {sampler} {steps} steps, {args.num_ensemble} members", flush=True)
+        rows.append(benchmark.run_one(base, sampler, steps, args.num_ensemble, out_root, device, data))
+    rows = benchmark.compare(rows)
+    table = benchmark.to_markdown(rows)
+    lines = [f"model {ckpt['path']} (step {ckpt['step']}, T = {T}); {data[0]} {args.split} split, "
+             f"{args.max_images or 'all'} images; device {device}; command: python scripts/benchmark_sampling.py "
+             + " ".join(sys.argv[1:] if argv is None else argv), "", table]
+    if args.ensemble_check:
+        (sampler, steps), = benchmark.parse_configs(args.ensemble_check)
+        one = benchmark.run_one(base, sampler, steps, 1, out_root, device, data)
+        many = next((r for r in rows if (r.sampler, r.steps) == (sampler, steps)), None) or \
+            benchmark.run_one(base, sampler, steps, args.num_ensemble, out_root, device, data)
+        ratio = many.seconds_per_image / max(one.seconds_per_image, 1e-12)
+        lines += ["", f"ensemble cost ({sampler} {steps} steps): 1 member {one.seconds_per_image:.3f} s/image, "
+                      f"{args.num_ensemble} members batched {many.seconds_per_image:.3f} s/image = {ratio:.2f}x "
+                      f"one member (Dice {one.dice:.4f} -> {many.dice:.4f})"]
+    text = "\n".join(lines) + "\n"
+    out_root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_root / "benchmark.md", lambda tmp: tmp.write_text(text))
+    atomic_write_bytes(out_root / "benchmark.csv", lambda tmp: tmp.write_text(benchmark.to_csv(rows)))
+    print(text + f"written: {out_root / 'benchmark.md'}, {out_root / 'benchmark.csv'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
