@@ -107,6 +107,13 @@ class EMA:
                 self.state[k].copy_(v)
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on the FF-Parser filters, whose neutral value is 1 (identity), not 0."""
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if "ff_parsers" not in n], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if "ff_parsers" in n], "weight_decay": 0.0}]
+
+
 def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
     """--amp -> autocast dtype (None: fp32). auto: bf16 on CUDA where supported, fp32 elsewhere."""
     if flag == "none":
@@ -158,7 +165,7 @@ class Trainer:
         self.diffusion = create_gaussian_diffusion(diff_cfg)
         self.model = create_model(model_cfg, diff_cfg).to(self.device)
         self.ema = EMA(self.model, train_cfg.ema_rate)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.opt = torch.optim.AdamW(param_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr)
         self.amp = amp_dtype(train_cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.step = 0

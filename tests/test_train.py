@@ -145,3 +145,13 @@ def test_cli_trains_and_reports_bad_input(tmp_path, syn_dir):
     assert r.returncode == 2 and "--class_cond" in r.stderr
     r = run_script("--learn_sigma", "maybe")
     assert r.returncode == 2 and "learn_sigma" in r.stderr
+
+
+def test_ff_parser_filters_are_not_decayed():
+    from guided_diffusion.script_util import create_model
+    model = create_model(ModelConfig(image_size=16, num_channels=8, num_res_blocks=1), DiffusionConfig())
+    groups = train_util.param_groups(model, 0.1)
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    ff = {id(p) for m in model.ff_parsers for p in m.parameters()}
+    assert ff and {id(p) for p in groups[1]["params"]} == ff
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
