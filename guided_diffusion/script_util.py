@@ -74,6 +74,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed of the run"})
     resume: str = field(default="auto", metadata={"help": "auto (latest in --out_dir), none, or a checkpoint path"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA where supported, else off), none, bf16, fp16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the network (slow first steps, faster after)"})
+    channels_last: bool = field(default=False, metadata={"help": "NHWC memory layout (faster convolutions on tensor cores)"})
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     augment: bool = field(default=True, metadata={"help": "joint flips/rotation/crop/colour augmentation"})

@@ -3,6 +3,14 @@
 Resume is exact: the data order, the augmentation of every sample and the noise of every step are pure
 functions of (seed, step), so a run stopped and resumed ends with the same weights as one that never
 stopped (tests/test_train.py checks it).
+
+Under torchrun the same functions of (seed, step) are cut into per-rank slices of the global batch, so N
+processes with batch b train like one process with batch N*b: DDP averages the gradients of the N local
+means, which is the gradient of the global mean (tests/test_distributed.py checks the loss curve and the
+final weights). Rank 0 alone writes the split, the logs and the checkpoints; every rank resumes from the
+same checkpoint. The equality (up to float summation order) needs --dropout 0: each rank draws its own
+dropout masks. A run may resume with another number of processes; it continues the same stream exactly
+when the global batch is unchanged (4 x 4 = 2 x 8 = 1 x 16).
 """
 from __future__ import annotations
 
@@ -46,11 +54,14 @@ def _mix(*values: int) -> int:
 
 
 class StepSampler(Sampler):
-    """Infinite stream of (index, augmentation seed) in seeded per-epoch permutations.
+    """Infinite stream of (index, augmentation seed) in seeded per-epoch permutations; our DistributedSampler.
 
     The global stream is cut into global batches of batch_size * world_size; rank r takes the r-th slice of
     each. Position p of the stream is always the same item with the same seed, whatever the world size, so
-    N processes see exactly the samples one process with the global batch would see.
+    N processes see exactly the samples one process with the global batch would see. Every epoch is a new
+    permutation (seeded by (seed, epoch): the per-epoch reshuffle of torch's DistributedSampler.set_epoch),
+    each item once per epoch over all ranks, with no padding or dropped tail since the stream runs on
+    across epoch ends; and it starts at any step, which makes resume exact.
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0,
@@ -157,6 +168,7 @@ class Trainer:
             raise ValueError(f"--ema_rate must be in [0, 1), got {train_cfg.ema_rate}")
 
         resume_ckpt = self._find_resume()
+        self._check_same_start(resume_ckpt)
         if resume_ckpt is not None:
             check_matches_checkpoint(resume_ckpt, model_cfg, diff_cfg)
         self.split = self._resolve_split(resume_ckpt)
@@ -164,6 +176,8 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.diffusion = create_gaussian_diffusion(diff_cfg)
         self.model = create_model(model_cfg, diff_cfg).to(self.device)
+        self.memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         self.ema = EMA(self.model, train_cfg.ema_rate)
         self.opt = torch.optim.AdamW(param_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr)
         self.amp = amp_dtype(train_cfg.amp, self.device)
@@ -171,10 +185,14 @@ class Trainer:
         self.step = 0
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
-        self.ddp = self.model
+        self.ddp = self.model  # what the step calls: DDP-wrapped under torchrun, compiled with --compile
         if dist_info.distributed:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if train_cfg.compile:
+            # Compiling the DDP wrapper lets DDP's optimizer split the graph at its gradient buckets, so the
+            # all-reduce still overlaps the backward pass. self.model keeps the plain weights for checkpoints.
+            self.ddp = torch.compile(self.ddp)
 
         pairs = datasets.list_pairs(data_cfg.data_name, data_cfg.data_dir, "train",
                                     split_file=self.out_dir / SPLIT_FILE)
@@ -205,7 +223,10 @@ class Trainer:
         """The checkpoint's split on resume, else an existing split file in out_dir, else a new one."""
         split_path = self.out_dir / SPLIT_FILE
         dcfg = self.data_cfg
-        datasets.ensure_dataset(dcfg.data_name, dcfg.data_dir)
+        if self.di.is_main:  # one process generates the built-in set when absent ...
+            datasets.ensure_dataset(dcfg.data_name, dcfg.data_dir)
+        _dist_barrier()
+        datasets.ensure_dataset(dcfg.data_name, dcfg.data_dir)  # ... the others find it (or make a node-local one)
         if ckpt is not None and ckpt.get("split"):
             split = ckpt["split"]
         elif split_path.is_file():
@@ -217,6 +238,18 @@ class Trainer:
         _dist_barrier()
         return split
 
+    def _check_same_start(self, ckpt: dict | None) -> None:
+        """Every rank must resume from the same checkpoint (or all from none): --out_dir must be shared."""
+        if not self.di.distributed:
+            return
+        mine = (Path(ckpt["path"]).name, int(ckpt["step"])) if ckpt is not None else ("none", 0)
+        every: list = [None] * self.di.world_size
+        dist.all_gather_object(every, mine)
+        if len(set(every)) > 1:
+            found = ", ".join(f"rank {r}: {name}" for r, (name, _) in enumerate(every))
+            raise CheckpointError(f"the ranks found different checkpoints to resume in {self.out_dir} ({found}); "
+                                  f"--out_dir must be one folder every node can read")
+
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.ema.state = {k: v.to(self.device) for k, v in ckpt["ema"].items()}
@@ -225,6 +258,11 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         restore_rng_state(ckpt["rng"])
+        was = int(ckpt["config"]["train"].get("batch_size", 0)) * int(ckpt.get("world_size", 1))
+        now = self.tc.batch_size * self.di.world_size
+        if was != now and self.di.is_main:
+            print(f"note: the global batch was {was} before step {self.step} and is {now} now; training goes on, "
+                  f"but not as the same data stream an unchanged global batch would give", flush=True)
 
     def payload(self) -> dict:
         """Everything a checkpoint holds (see DESIGN.md: self-describing)."""
@@ -235,6 +273,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "step": self.step,
+            "world_size": self.di.world_size,
             "rng": capture_rng_state(),
             "config": {"model": asdict(self.mc), "diffusion": asdict(self.dc), "data": asdict(self.data_cfg),
                        "train": asdict(self.tc)},
@@ -264,6 +303,9 @@ class Trainer:
         x_start = mask * 2 - 1
         t, noise = self._noise_and_t(mask.shape[0], tuple(mask.shape[1:]))
         x_t = self.diffusion.q_sample(x_start, t, noise)
+        if self.memory_format is torch.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         torch.manual_seed(_mix(self.tc.seed, 13, self.step, self.di.rank))  # dropout, step-deterministic
         autocast = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext())
         with autocast:
@@ -315,10 +357,14 @@ class Trainer:
                    dynamic_ncols=True)
         self.model.train()
         window: list[dict[str, float]] = []
-        t_last, seen = time.perf_counter(), 0
+        t_last, seen, waited, hinted = time.perf_counter(), 0, 0.0, False
         path = None
+        batches = iter(self.loader)  # infinite (StepSampler)
         try:
-            for batch in self.loader:
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                waited += time.perf_counter() - t0  # blocked on the loader: the device had nothing to do
                 window.append(self.train_step(batch))
                 seen += batch["mask"].shape[0] * self.di.world_size
                 bar.update(1)
@@ -327,9 +373,16 @@ class Trainer:
                     now = time.perf_counter()
                     row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                     row.update(step=self.step, lr=self.opt.param_groups[0]["lr"],
-                               images_per_s=seen / max(now - t_last, 1e-9))
+                               images_per_s=seen / max(now - t_last, 1e-9),
+                               data_wait=waited / max(now - t_last, 1e-9))
                     logger.log(row)
-                    window, t_last, seen = [], now, 0
+                    gpu_starved = self.device.type == "cuda" and self.step >= 20 and row["data_wait"] > 0.1
+                    if main and gpu_starved and not hinted:
+                        hinted = True
+                        tqdm.write(f"note: training waited for data {100 * row['data_wait']:.0f}% of the time "
+                                   f"(--num_workers {tc.num_workers}); more workers may help "
+                                   f"(scripts/benchmark_train.py measures it)")
+                    window, t_last, seen, waited = [], now, 0, 0.0
                 if self.step % tc.save_interval == 0 or self.step == tc.max_steps:
                     path = self.save()
                 if self.step >= tc.max_steps:
@@ -345,7 +398,7 @@ class Trainer:
 class RunLogger:
     """CSV log (and TensorBoard when installed) written by the main process only."""
 
-    FIELDS = ["step", "loss", "mse", "vb", "cal", "lr", "images_per_s"]
+    FIELDS = ["step", "loss", "mse", "vb", "cal", "lr", "images_per_s", "data_wait"]
 
     def __init__(self, out_dir: Path, enabled: bool = True):
         self.enabled = enabled
@@ -353,9 +406,13 @@ class RunLogger:
         if not enabled:
             return
         self.path = Path(out_dir) / LOG_FILE
-        new = not self.path.exists()
+        fields = self.FIELDS
+        if self.path.exists():  # appending on resume: keep the columns the file already has
+            with open(self.path, newline="") as fh:
+                fields = next(csv.reader(fh), None) or self.FIELDS
+        new = not self.path.exists() or self.path.stat().st_size == 0
         self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         if new:
             self.writer.writeheader()
         try:
@@ -368,7 +425,7 @@ class RunLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.writer.writerow({k: row.get(k, "") for k in self.FIELDS})
+        self.writer.writerow({k: row.get(k, "") for k in self.writer.fieldnames})
         self.file.flush()
         if self.tb is not None:
             for k, v in row.items():

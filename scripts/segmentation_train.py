@@ -1,4 +1,7 @@
-"""Train a MedSegDiff-style diffusion segmenter (single process, or one process per GPU under torchrun)."""
+"""Train a MedSegDiff-style diffusion segmenter (single process, or one process per GPU under torchrun).
+
+    torchrun --nproc_per_node 4 scripts/segmentation_train.py ... --batch_size 8   # global batch 32
+"""
 import argparse
 import sys
 from pathlib import Path
@@ -12,8 +15,8 @@ from guided_diffusion.script_util import (DataConfig, DiffusionConfig, ModelConf
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Each flag's help already ends with its default; the raw description keeps the torchrun example.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, DataConfig, "data")
     add_dataclass_args(parser, ModelConfig, "model")
     add_dataclass_args(parser, DiffusionConfig, "diffusion")
@@ -26,11 +29,9 @@ def main(argv=None) -> None:
     from guided_diffusion.train_util import Trainer
 
     info = dist_util.setup(args.device)
-    try:
+    with dist_util.worker(info):  # an error on one rank is recorded for torchrun, which then stops them all
         Trainer(from_namespace(ModelConfig, args), from_namespace(DiffusionConfig, args),
                 from_namespace(DataConfig, args), from_namespace(TrainConfig, args), info).run()
-    finally:
-        dist_util.cleanup()
 
 
 if __name__ == "__main__":

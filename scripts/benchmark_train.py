@@ -1,0 +1,64 @@
+"""Training speed of one configuration with and without each speed option: images/s, peak memory, and the
+fraction of step time spent waiting for data. Writes <out_dir>/benchmark_train.md and .csv.
+
+    python scripts/benchmark_train.py --image_size 64 --num_channels 32 --num_res_blocks 1 --batch_size 8 \
+        --device cpu --variants fp32,channels_last,bf16
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion import dist_util, train_bench  # noqa: E402
+from guided_diffusion.checkpoint import atomic_write_bytes  # noqa: E402
+from guided_diffusion.cli import run_cli  # noqa: E402
+from guided_diffusion.script_util import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig,  # noqa: E402
+                                          add_dataclass_args, from_namespace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(p, DataConfig, "data")
+    add_dataclass_args(p, ModelConfig, "model")
+    add_dataclass_args(p, DiffusionConfig, "diffusion")
+    g = p.add_argument_group("training (as in segmentation_train.py)")
+    g.add_argument("--batch_size", type=int, default=TrainConfig.batch_size, help="images per step")
+    g.add_argument("--lr", type=float, default=TrainConfig.lr)
+    g.add_argument("--num_workers", type=int, default=TrainConfig.num_workers, help="data-loading workers")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--variants", default="",
+                   help="comma-separated option sets joined with +, from fp32 (none), "
+                        + ", ".join(train_bench.OPTIONS) + f"; default on CPU: {train_bench.DEFAULT_VARIANTS['cpu']}; "
+                        f"on CUDA: {train_bench.DEFAULT_VARIANTS['cuda']}")
+    b.add_argument("--data", default="memory,loader",
+                   help="memory (one batch kept on the device), loader (the training DataLoader), or both")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per variant and data mode")
+    b.add_argument("--out_dir", default="runs/benchmark_train", help="where the table goes")
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    device = dist_util.resolve_device(args.device)
+    train = TrainConfig(batch_size=args.batch_size, lr=args.lr, num_workers=args.num_workers, seed=args.seed)
+    cfg = train_bench.BenchConfig(
+        model=from_namespace(ModelConfig, args), diffusion=from_namespace(DiffusionConfig, args),
+        data=from_namespace(DataConfig, args), train=train, warmup=args.warmup, steps=args.steps,
+        variants=train_bench.parse_variants(args.variants or train_bench.DEFAULT_VARIANTS[device.type]),
+        data_modes=train_bench.parse_data_modes(args.data))
+    rows = train_bench.run(cfg, device, log=lambda s: print(s, flush=True))
+    command = "python scripts/benchmark_train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = f"{train_bench.describe(cfg, device)}\ncommand: {command}\n\n{train_bench.to_markdown(rows)}\n"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "benchmark_train.md", lambda tmp: tmp.write_text(text))
+    atomic_write_bytes(out / "benchmark_train.csv", lambda tmp: tmp.write_text(train_bench.to_csv(rows)))
+    print("\n" + text + f"written: {out / 'benchmark_train.md'}, {out / 'benchmark_train.csv'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
