@@ -14,12 +14,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import datasets
-from .checkpoint import load_checkpoint
+from . import addpm, datasets
+from .aux_nets import DESCRIBE, checkpoint_kind
+from .checkpoint import CheckpointError, load_checkpoint
 from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
 from .gaussian_diffusion import GaussianDiffusion
 from .outputs import PredictionWriter
-from .sampling import SamplerSpec, image_seed, sample_ensemble
+from .sampling import SAMPLERS, SamplerSpec, image_seed, sample_ensemble
 from .script_util import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
 
 SPLIT_FILE = "split.json"
@@ -33,16 +34,34 @@ class SampleConfig:
     data_name: str = field(default="", metadata={"help": "data set (default: the checkpoint's)"})
     data_dir: str = field(default="", metadata={"help": "data root (default: the checkpoint's)"})
     split: str = field(default="test", metadata={"help": "train, val, test or all (the training run's split)"})
-    sampler: str = field(default="", metadata={"help": "ddpm, ddim, dpm_solver or dpm_solver++ (default: ddpm, "
-                                                       "or dpm_solver++ with --dpm_solver True)"})
+    sampler: str = field(default="", metadata={"help": "ddpm, ddim, dpm_solver, dpm_solver++ or addpm (default: "
+                                                       "ddpm, or dpm_solver++ with --dpm_solver True)"})
     steps: int = field(default=0, metadata={"help": "sampling steps (default: all T for ddpm, 50 for ddim, "
-                                                    "20 for the solvers)"})
+                                                    "20 for the solvers; for addpm, of its chain, at most "
+                                                    "pre_t - stop_t)"})
     dpm_solver: bool = field(default=False, metadata={"help": "seed flag: DPM-Solver++ (multistep, order 2); "
                                                               "--diffusion_steps then gives the step count"})
     order: int = field(default=2, metadata={"help": "DPM-Solver order (1, 2, 3)"})
     skip_type: str = field(default="time_uniform", metadata={"help": "time_uniform, logSNR or time_quadratic"})
     method: str = field(default="multistep", metadata={"help": "multistep, singlestep or singlestep_fixed"})
     eta: float = field(default=0.0, metadata={"help": "DDIM noise (0: deterministic)"})
+    pre_t: int = field(default=0, metadata={"help": "addpm: the chain starts at x_{pre_t}, the pre-segmentation "
+                                                    "noised to level pre_t (DDPM's 1-based t in 1..T; 0: "
+                                                    "3T/10, the seed's 300 of 1000)"})
+    stop_t: int = field(default=-1, metadata={"help": "addpm: the chain stops at x_{stop_t}, 0 <= stop_t < pre_t, "
+                                                      "and the denoiser finishes (0: down to x_0, no denoiser; "
+                                                      "-1: T/4, the seed's 250 of 1000)"})
+    addpm_inner: str = field(default="", metadata={"help": "addpm: the chain's sampler, ddpm, ddim, dpm_solver or "
+                                                           "dpm_solver++ (default: ddpm, or dpm_solver++ with "
+                                                           "--dpm_solver True)"})
+    preseg: str = field(default="", metadata={"help": "addpm: head (the diffusion model's image-encoder head) or "
+                                                      "a train_preseg_network.py checkpoint"})
+    preseg_path: str = field(default="", metadata={"help": "addpm: pre-segmentation network checkpoint (file or run "
+                                                           "folder); the same as --preseg PATH"})
+    preseg_soft: bool = field(default=False, metadata={"help": "addpm: start from 2p - 1 of the pre-segmentation "
+                                                               "probability instead of its thresholded mask"})
+    denoiser_path: str = field(default="", metadata={"help": "addpm: denoising network checkpoint "
+                                                             "(train_denoising_network.py); needed when --stop_t > 0"})
     num_ensemble: int = field(default=5, metadata={"help": "masks sampled per image"})
     batch_size: int = field(default=4, metadata={"help": "images per batch (each with all its members)"})
     fusion: str = field(default="mean", metadata={"help": "mean, vote or staple"})
@@ -70,6 +89,9 @@ class LoadedModel:
 def load_model(model_path: str, device: torch.device, use_ema: bool = True) -> LoadedModel:
     """Build the network from the checkpoint's config and load its (EMA) weights."""
     ckpt = load_checkpoint(model_path)
+    if checkpoint_kind(ckpt) != "diffusion":
+        raise CheckpointError(f"--model_path {ckpt['path']} is a {DESCRIBE[checkpoint_kind(ckpt)]} checkpoint, not "
+                              f"a diffusion model (scripts/segmentation_train.py)")
     mc = from_dict(ModelConfig, ckpt["config"]["model"])
     dc = from_dict(DiffusionConfig, ckpt["config"]["diffusion"])
     model = create_model(mc, dc)
@@ -91,18 +113,53 @@ def check_flags_against_checkpoint(given: dict, ckpt: dict, dpm_solver: bool) ->
 
 
 def resolve_spec(cfg: SampleConfig, diffusion_steps_flag: int | None, num_timesteps: int) -> SamplerSpec:
-    """The sampler to run, from --sampler/--steps and the seed's --dpm_solver/--diffusion_steps."""
-    sampler = cfg.sampler or ("dpm_solver++" if cfg.dpm_solver else "ddpm")
+    """The sampler to run, from --sampler/--steps and the seed's --dpm_solver/--diffusion_steps; for addpm, the
+    chain from x_{pre_t} down to x_{stop_t}."""
+    _check_sampler_flags(cfg)
+    addpm = cfg.sampler == "addpm"
+    default = "dpm_solver++" if cfg.dpm_solver else "ddpm"
+    sampler = (cfg.addpm_inner or default) if addpm else (cfg.sampler or default)
+    start, end = addpm_levels(cfg, num_timesteps) if addpm else (num_timesteps, 0)
     steps = cfg.steps
     if not steps:
         if cfg.dpm_solver and diffusion_steps_flag:
             steps = diffusion_steps_flag
         else:
-            steps = {"ddpm": num_timesteps, "ddim": min(50, num_timesteps)}.get(sampler, min(20, num_timesteps))
+            span = start - end
+            steps = {"ddpm": span, "ddim": min(50, span)}.get(sampler, min(20, span))
     spec = SamplerSpec(sampler=sampler, steps=steps, order=cfg.order, skip_type=cfg.skip_type,
-                       method=cfg.method, eta=cfg.eta)
+                       method=cfg.method, eta=cfg.eta, t_start=start if addpm else None, t_end=end)
     spec.validate(num_timesteps)
     return spec
+
+
+def addpm_levels(cfg: SampleConfig, num_timesteps: int) -> tuple[int, int]:
+    """(pre_t, stop_t), defaults 3T/10 and T/4 (the seed's 300 and 250 of T = 1000)."""
+    pre_t = cfg.pre_t or max(1, round(0.3 * num_timesteps))
+    stop_t = cfg.stop_t if cfg.stop_t >= 0 else round(0.25 * num_timesteps)
+    return pre_t, stop_t
+
+
+def _check_sampler_flags(cfg: SampleConfig) -> None:
+    """--sampler is known; ADDPM's flags go with --sampler addpm only."""
+    if cfg.sampler and cfg.sampler not in (*SAMPLERS, "addpm"):
+        raise ValueError(f"--sampler must be one of {', '.join((*SAMPLERS, 'addpm'))}, got {cfg.sampler!r}")
+    if cfg.sampler == "addpm":
+        if cfg.addpm_inner and cfg.addpm_inner not in SAMPLERS:
+            raise ValueError(f"--addpm_inner must be one of {', '.join(SAMPLERS)}, got {cfg.addpm_inner!r}")
+        return
+    given = [f"--{k}" for k, unset in (("pre_t", 0), ("stop_t", -1), ("addpm_inner", ""), ("preseg", ""),
+                                       ("preseg_path", ""), ("denoiser_path", ""), ("preseg_soft", False))
+             if getattr(cfg, k) != unset]
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to --sampler addpm")
+
+
+def preseg_source(cfg: SampleConfig) -> str:
+    """ADDPM's pre-segmentation: 'head' or a checkpoint path, from --preseg / --preseg_path (which must agree)."""
+    if cfg.preseg and cfg.preseg_path and cfg.preseg != cfg.preseg_path:
+        raise ValueError(f"--preseg {cfg.preseg} and --preseg_path {cfg.preseg_path} disagree; give one of them")
+    return cfg.preseg or cfg.preseg_path
 
 
 def _validate(cfg: SampleConfig) -> None:
@@ -130,6 +187,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def batch_sampler(lm: LoadedModel, spec: SamplerSpec, plan: addpm.AddpmSampler | None, num_ensemble: int):
+    """(images, seeds) -> EnsembleResult: the plain samplers, or ADDPM when a plan is given."""
+    if plan is None:
+        return lambda images, seeds: sample_ensemble(lm.model, lm.diffusion, images, num_ensemble, spec, seeds)
+    return lambda images, seeds: plan.sample(lm.model, lm.diffusion, images, num_ensemble, seeds)
+
+
 def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: int = 0,
                  world_size: int = 1) -> dict:
     """Sample every image of the split not already done; returns a summary (images, seconds, nfe)."""
@@ -139,6 +203,10 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
     lm = load_model(cfg.model_path, device, cfg.use_ema)
     check_flags_against_checkpoint(model_flags, lm.ckpt, cfg.dpm_solver)
     spec = resolve_spec(cfg, model_flags.get("diffusion_steps"), lm.diffusion.num_timesteps)
+    plan = None
+    if cfg.sampler == "addpm":
+        plan = addpm.load_addpm(spec, lm.diffusion_cfg, lm.model_cfg.image_size, preseg_source(cfg),
+                                cfg.denoiser_path, device, cfg.use_ema, cfg.preseg_soft)
 
     data = lm.ckpt["config"]["data"]
     data_name, data_dir = cfg.data_name or data["data_name"], cfg.data_dir or data["data_dir"]
@@ -156,6 +224,8 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
     pairs = datasets.list_pairs(data_name, data_dir, cfg.split, split_file=split_path)
     if cfg.max_images:
         pairs = pairs[:cfg.max_images]
+    if plan is not None and rank == 0:
+        plan.warn_if_trained_on([p.id for p in pairs])
     pairs = pairs[rank::world_size]
     by_id = {p.id: p for p in pairs}
     writer = PredictionWriter(out_dir, save_overlays=cfg.save_overlays, overwrite=cfg.overwrite)
@@ -163,10 +233,14 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
     dataset = datasets.SegmentationDataset(pairs, lm.model_cfg.image_size, augment=False)
     loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    record_base = {"sampler": spec.sampler, "steps": spec.steps, "num_ensemble": cfg.num_ensemble,
+    label = f"addpm-{spec.sampler}" if plan is not None else spec.sampler
+    record_base = {"sampler": label, "steps": spec.steps, "num_ensemble": cfg.num_ensemble,
                    "fusion": cfg.fusion, "split": cfg.split}
-    total_s, nfe = 0.0, 0
-    bar = tqdm(total=len(todo), desc=f"sample {spec.sampler}-{spec.steps}", unit="img", disable=rank != 0,
+    if plan is not None:
+        record_base.update(pre_t=spec.t_start, stop_t=spec.t_end, preseg=plan.preseg.label)
+    sample = batch_sampler(lm, spec, plan, cfg.num_ensemble)
+    total_s, nfe, nfe_parts = 0.0, 0, {}
+    bar = tqdm(total=len(todo), desc=f"sample {label}-{spec.steps}", unit="img", disable=rank != 0,
                dynamic_ncols=True)
     if rank == 0 and len(todo) < len(pairs):
         print(f"{len(pairs) - len(todo)} of {len(pairs)} images already in {out_dir}: skipped "
@@ -181,26 +255,27 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
             _sync(device)
             start = time.perf_counter()
             with sampling_autocast(cfg.amp, device):
-                result = sample_ensemble(lm.model, lm.diffusion, images, cfg.num_ensemble, spec,
-                                         [image_seed(cfg.seed, i) for i in ids])
+                result = sample(images, [image_seed(cfg.seed, i) for i in ids])
             fused = fuse(result.members, cfg.fusion)
             unc = uncertainty(result.members, cfg.uncertainty)
             _sync(device)
             per_image = (time.perf_counter() - start) / len(ids)
             total_s += per_image * len(ids)
-            nfe = result.nfe
+            nfe, nfe_parts = result.nfe, getattr(result, "nfe_parts", {})
             for k, image_id in enumerate(ids):
                 size = tuple(int(v) for v in batch["orig_size"][k])
                 image = np.asarray(datasets.load_image(by_id[image_id].image)) if cfg.save_overlays else None
                 writer.write(image_id, fused[k].cpu(), unc[k].cpu(), size, image=image,
                              record={**record_base, "id": image_id, "nfe": result.nfe,
+                                     **{f"nfe_{part}": n for part, n in nfe_parts.items()},
                                      "seconds": round(per_image, 4)})
             bar.update(len(ids))
     finally:
         bar.close()
         writer.close()
     return {"images": len(todo), "skipped": len(pairs) - len(todo), "seconds": total_s, "nfe": nfe,
-            "sampler": spec.sampler, "steps": spec.steps, "out_dir": str(out_dir)}
+            "nfe_parts": nfe_parts, "sampler": label, "steps": spec.steps, "out_dir": str(out_dir),
+            "addpm": {k: record_base[k] for k in ("pre_t", "stop_t", "preseg") if k in record_base}}
 
 
 def _barrier() -> None:

@@ -2,10 +2,11 @@
 
 Every sampler has the same signature, in the spirit of k-diffusion's `sampling.py`:
 
-    sampler(model_fn, diffusion, x_T, spec, noise) -> x_0 estimate in [-1, 1]
+    sampler(model_fn, diffusion, x_start, spec, noise) -> x at level spec.t_end (x_0 estimate in [-1, 1])
 
 where `model_fn(x_t, t)` is the network with the image condition already bound (t on the diffusion's index
-scale 0..T-1, real-valued allowed) and `noise` draws the fresh Gaussian noise ancestral steps need. The
+scale 0..T-1, real-valued allowed) and `noise` draws the fresh Gaussian noise ancestral steps need. The chain
+runs from x_T (or ADDPM's x_{pre_t}, spec.t_start) down to x_0 (or x_{stop_t}, spec.t_end). The
 schedule is always the diffusion the model was trained with; `spec.steps` only picks how many of its noise
 levels are visited. Network evaluations are counted by `CountingModel`, never by bookkeeping in the loops.
 """
@@ -26,7 +27,12 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """What to run: sampler name, number of steps, and the solver's knobs."""
+    """What to run: sampler name, number of steps, the solver's knobs, and the stretch of the chain.
+
+    The chain runs from x_{t_start} down to x_{t_end} in DDPM's 1-based levels (x_t has alpha_bar at the
+    diffusion's index t - 1): t_start = T (None) starts from pure noise, t_end = 0 ends on the clean mask x_0.
+    ADDPM's truncated inverse process is t_start = pre_t, t_end = stop_t (addpm.py).
+    """
     sampler: str = "dpm_solver++"
     steps: int = 20
     order: int = 2
@@ -34,13 +40,29 @@ class SamplerSpec:
     method: str = "multistep"
     eta: float = 0.0            # DDIM stochasticity (0: deterministic)
     clip_denoised: bool = True  # clamp x_0 estimates to the mask range [-1, 1]
+    t_start: int | None = None  # first level x_{t_start} (None: T)
+    t_end: int = 0              # last level x_{t_end} (0: x_0)
+
+    def interval(self, num_timesteps: int) -> tuple[int, int]:
+        """(start, end) levels of the chain, 1-based (start = T: pure noise; end = 0: the clean mask)."""
+        return (num_timesteps if self.t_start is None else self.t_start), self.t_end
 
     def validate(self, num_timesteps: int) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if not 1 <= self.steps <= num_timesteps:
-            raise ValueError(f"--steps must be in 1..{num_timesteps} (the model's diffusion_steps), got {self.steps}")
+        start, end = self.interval(num_timesteps)
+        if not 1 <= start <= num_timesteps:
+            raise ValueError(f"--pre_t must be in 1..{num_timesteps} (the model's diffusion_steps), got {start}")
+        if not 0 <= end < start:
+            raise ValueError(f"--stop_t must be in 0..{start - 1} (below --pre_t {start}), got {end}")
+        span = start - end
+        where = "the model's diffusion_steps" if span == num_timesteps else f"the levels from --pre_t {start} " \
+                                                                             f"down to --stop_t {end}"
+        if not 1 <= self.steps <= span:
+            raise ValueError(f"--steps must be in 1..{span} ({where}), got {self.steps}")
         if self.sampler.startswith("dpm_solver"):
+            if end == 0 and start < 2:
+                raise ValueError("the solvers integrate down to x_1 and then denoise: --pre_t must be >= 2")
             if self.order not in (1, 2, 3):
                 raise ValueError(f"--order must be 1, 2 or 3, got {self.order}")
             if self.skip_type not in ("time_uniform", "logSNR", "time_quadratic"):
@@ -82,22 +104,34 @@ def image_seed(seed: int, image_id: str) -> int:
 
 def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """`steps` indices evenly spread over T-1..0, descending, starting at T-1 (ending at 0 when steps > 1)."""
-    idx = np.unique(np.round(np.linspace(num_timesteps - 1, 0, steps)).astype(int))
+    return chain_timesteps(steps, num_timesteps, 0)
+
+
+def chain_timesteps(steps: int, start: int, end: int) -> list[int]:
+    """The model indices a chain from level x_start down to x_end calls the network at: `steps` of them evenly
+    spread over start-1..end, descending, first start-1 (the network sees x_start), last end (when steps > 1;
+    that step lands on x_end)."""
+    idx = np.unique(np.round(np.linspace(start - 1, end, steps)).astype(int))
     return [int(i) for i in idx[::-1]]
 
 
 # ----- samplers (one shared signature) -------------------------------------------------------------
 def sample_ddpm(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, spec: SamplerSpec,
                 noise: NoiseSource) -> torch.Tensor:
-    """Ancestral sampling (DDPM Algorithm 2). With steps < T, over a respaced subsequence of the trained noise
-    levels (Improved DDPM §4: betas recomputed from alpha_bar of the visited steps), the network still seeing
-    the original timestep indices."""
-    ts = spaced_timesteps(diffusion.num_timesteps, spec.steps)
-    d = diffusion if spec.steps == diffusion.num_timesteps else respaced(diffusion, ts)
-    ts_model = ts[::-1]  # respaced index k corresponds to trained index ts_model[k]
-    for k in reversed(range(len(ts_model))):
-        t_model = torch.full((x.shape[0],), float(ts_model[k]), device=x.device)
-        out = model_fn(x, t_model)
+    """Ancestral sampling (DDPM Algorithm 2) from x_start to x_end. Over every trained level on the trained
+    diffusion; over fewer, on a respaced subsequence of the trained noise levels (Improved DDPM §4: betas
+    recomputed from alpha_bar of the visited levels), the network still seeing the original timestep indices.
+    A chain that stops at x_end > 0 keeps level end - 1 in the subsequence, so its last step is the posterior
+    q(x_end | x_{end+1}, x_0) of the trained schedule and adds its noise."""
+    start, end = spec.interval(diffusion.num_timesteps)
+    ts = chain_timesteps(spec.steps, start, end)
+    if len(ts) == start - end:  # every trained step: the trained diffusion, trained indices
+        d, local = diffusion, ts
+    else:
+        keep = sorted(ts) if end == 0 else [end - 1] + sorted(ts)
+        d, local = respaced(diffusion, keep), [keep.index(i) for i in ts]
+    for t_model, k in zip(ts, local):
+        out = model_fn(x, torch.full((x.shape[0],), float(t_model), device=x.device))
         t_local = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
         x = d.p_sample_step(out, x, t_local, noise=noise(tuple(x.shape[1:])) if k > 0 else None,
                             clip_denoised=spec.clip_denoised).sample
@@ -106,9 +140,11 @@ def sample_ddpm(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor
 
 def sample_ddim(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, spec: SamplerSpec,
                 noise: NoiseSource) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) over `steps` evenly spaced trained noise levels; eta = 0 is deterministic."""
-    ts = spaced_timesteps(diffusion.num_timesteps, spec.steps)
-    for cur, nxt in zip(ts, ts[1:] + [-1]):
+    """DDIM (Song et al. 2021, eq. 12) over `steps` evenly spaced trained noise levels from x_start to x_end;
+    eta = 0 is deterministic."""
+    start, end = spec.interval(diffusion.num_timesteps)
+    ts = chain_timesteps(spec.steps, start, end)
+    for cur, nxt in zip(ts, ts[1:] + [end - 1]):  # index end - 1 is level x_end (-1: x_0)
         t = torch.full((x.shape[0],), cur, device=x.device, dtype=torch.long)
         out = model_fn(x, t.float())
         step_noise = noise(tuple(x.shape[1:])) if spec.eta > 0 and nxt >= 0 else None
@@ -120,18 +156,22 @@ def sample_ddim(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor
 def sample_dpm_solver(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, spec: SamplerSpec,
                       noise: NoiseSource) -> torch.Tensor:
     """DPM-Solver (noise prediction) or DPM-Solver++ (data prediction) on the trained discrete schedule,
-    `steps` solver steps from t = 1 to t = 1/N, then one more evaluation that denoises to x_0 (as the last
-    DDPM/DDIM step does), so no residual noise of sigma_{1/N} is left in the mask: NFE = steps + 1.
+    `steps` solver steps from t = start/N to t = end/N (the schedule's knot t_n = n/N is level x_n, the
+    network's index n - 1). A chain to x_0 integrates to t = 1/N and spends one more evaluation denoising to
+    x_0 (as the last DDPM/DDIM step does), so no residual noise of sigma_{1/N} is left: NFE = steps + 1.
     The x_0 estimates are clamped to the mask range [-1, 1]."""
     from dpm_solver import DPM_Solver, NoiseScheduleVP, model_wrapper
 
+    n = diffusion.num_timesteps
+    start, end = spec.interval(n)
     schedule = NoiseScheduleVP("discrete", betas=diffusion.betas.to(x.device, torch.float32))
     wrapped = model_wrapper(model_fn, schedule, model_type="noise")
     plus = spec.sampler == "dpm_solver++"
     solver = DPM_Solver(wrapped, schedule, algorithm_type="dpmsolver++" if plus else "dpmsolver",
                         correcting_x0_fn=(lambda x0, t: x0.clamp(-1, 1)) if spec.clip_denoised else None)
-    return solver.sample(x, steps=spec.steps, order=spec.order, skip_type=spec.skip_type, method=spec.method,
-                         lower_order_final=True, denoise_to_zero=True)
+    return solver.sample(x, steps=spec.steps, t_start=start / n, t_end=max(end, 1) / n, order=spec.order,
+                         skip_type=spec.skip_type, method=spec.method, lower_order_final=True,
+                         denoise_to_zero=end == 0)
 
 
 SAMPLER_FNS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm_solver": sample_dpm_solver,

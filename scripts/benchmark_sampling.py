@@ -2,6 +2,7 @@
 
 Every row is measured in this one run, on the same images and weights; the reference is DDPM over all the
 model's training steps. Also measures what a batched ensemble costs against a single member.
+ADDPM rows (`addpm-ddpm:0`, `addpm-dpm_solver++:5`, ...) use --pre_t, --stop_t, --preseg, --denoiser_path.
 """
 import argparse
 import sys
@@ -13,6 +14,7 @@ from guided_diffusion import benchmark, dist_util  # noqa: E402
 from guided_diffusion.checkpoint import atomic_write_bytes, load_checkpoint  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
 from guided_diffusion.predict import SampleConfig  # noqa: E402
+from guided_diffusion.script_util import str2bool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out_dir", default="runs/benchmark", help="where the masks and the table go")
     p.add_argument("--configs", default="ddpm:1000,ddim:50,dpm_solver:20,dpm_solver++:10,dpm_solver++:20",
-                   help="comma-separated sampler:steps (ddpm steps above the model's T are clipped to T)")
+                   help="comma-separated sampler:steps (ddpm steps above the model's T are clipped to T); "
+                        "addpm-<sampler>:steps for ADDPM with that chain (steps 0: its default, all DDPM steps)")
     p.add_argument("--num_ensemble", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_images", type=int, default=20, help="images of the split to use (0: all)")
@@ -31,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler:steps timed with 1 member vs --num_ensemble members ('' to skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--reuse", type=str2bool, default=False,
+                   help="keep the masks a row's folder in --out_dir already holds (same model and seed) and read "
+                        "their cost from its manifest instead of resampling them")
+    a = p.add_argument_group("ADDPM rows (as in segmentation_sample.py)")
+    for name in ("pre_t", "stop_t", "preseg", "denoiser_path"):
+        f = SampleConfig.__dataclass_fields__[name]
+        a.add_argument(f"--{name}", type=type(f.default), default=f.default, help=f.metadata["help"]
+                       + ("; comma-separated: each ADDPM row once per pre-segmentation" if name == "preseg" else ""))
     return p
 
 
@@ -43,22 +54,26 @@ def main(argv=None) -> None:
     base = SampleConfig(model_path=ckpt["path"], data_name=data[0], data_dir=data[1], split=args.split,
                         batch_size=args.batch_size, max_images=args.max_images, seed=args.seed,
                         device=args.device, num_workers=0)
+    addpm = {k: getattr(args, k) for k in ("pre_t", "stop_t", "preseg", "denoiser_path")}
     out_root = Path(args.out_dir)
     rows = []
-    for sampler, steps in benchmark.parse_configs(args.configs):
+    for sampler, steps, row_addpm in benchmark.expand_rows(benchmark.parse_configs(args.configs), addpm):
         steps = min(steps, T)
-        print(f"== {sampler} {steps} steps, {args.num_ensemble} members", flush=True)
-        rows.append(benchmark.run_one(base, sampler, steps, args.num_ensemble, out_root, device, data))
+        print(f"== {sampler} {steps} steps, {args.num_ensemble} members {row_addpm.get('preseg', '')}", flush=True)
+        rows.append(benchmark.run_one(base, sampler, steps, args.num_ensemble, out_root, device, data, row_addpm,
+                                      args.reuse))
     rows = benchmark.compare(rows)
     table = benchmark.to_markdown(rows)
     lines = [f"model {ckpt['path']} (step {ckpt['step']}, T = {T}); {data[0]} {args.split} split, "
              f"{args.max_images or 'all'} images; device {device}; command: python scripts/benchmark_sampling.py "
              + " ".join(sys.argv[1:] if argv is None else argv), "", table]
+    note = benchmark.addpm_note(rows, addpm, T)
+    lines += [note] if note else []
     if args.ensemble_check:
-        (sampler, steps), = benchmark.parse_configs(args.ensemble_check)
-        one = benchmark.run_one(base, sampler, steps, 1, out_root, device, data)
+        (sampler, steps, row_addpm), *_ = benchmark.expand_rows(benchmark.parse_configs(args.ensemble_check), addpm)
+        one = benchmark.run_one(base, sampler, steps, 1, out_root, device, data, row_addpm, args.reuse)
         many = next((r for r in rows if (r.sampler, r.steps) == (sampler, steps)), None) or \
-            benchmark.run_one(base, sampler, steps, args.num_ensemble, out_root, device, data)
+            benchmark.run_one(base, sampler, steps, args.num_ensemble, out_root, device, data, row_addpm, args.reuse)
         ratio = many.seconds_per_image / max(one.seconds_per_image, 1e-12)
         lines += ["", f"ensemble cost ({sampler} {steps} steps): 1 member {one.seconds_per_image:.3f} s/image, "
                       f"{args.num_ensemble} members batched {many.seconds_per_image:.3f} s/image = {ratio:.2f}x "

@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     if info.is_main:
         n = summary["images"]
         rate = f", {summary['seconds'] / n:.3f} s/image" if n else ""
-        print(f"{summary['sampler']} {summary['steps']} steps, {summary['nfe']} NFE: {n} images sampled"
+        parts = " = " + " + ".join(f"{v} {k}" for k, v in summary["nfe_parts"].items()) if summary["nfe_parts"] else ""
+        print(f"{summary['sampler']} {summary['steps']} steps, {summary['nfe']} NFE{parts}: {n} images sampled"
               f"{rate} ({summary['skipped']} already done) -> {summary['out_dir']}")
 
 
