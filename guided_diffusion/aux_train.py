@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from . import datasets
 from .aux_nets import DENOISER, DESCRIBE, KINDS, AuxNetConfig, build_network, checkpoint_kind
-from .checkpoint import CheckpointError, capture_rng_state, find_latest, load_checkpoint, restore_rng_state, \
+from .checkpoint import CheckpointError, capture_rng_state, find_latest, load_checkpoint, \
     save_checkpoint
 from .gaussian_diffusion import create_diffusion, dice_bce_loss, get_named_beta_schedule
 from .script_util import DataConfig, add_dataclass_args
-from .train_util import EMA, SPLIT_FILE, RunLogger, SeededItems, StepSampler, TrainingDiverged, _mix, amp_dtype
+from .train_util import EMA, SPLIT_FILE, RunLogger, SeededItems, StepSampler, TrainingDiverged, _mix, amp_dtype, \
+    restore_training_state
 
 
 @dataclass
@@ -246,13 +247,7 @@ class AuxTrainer:
         return split
 
     def _restore(self, ckpt: dict) -> None:
-        self.net.load_state_dict(ckpt["model"])
-        self.ema.state = {k: v.to(self.device) for k, v in ckpt["ema"].items()}
-        self.opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = int(ckpt["step"])
-        restore_rng_state(ckpt["rng"])
+        self.step = restore_training_state(ckpt, self.net, self.ema, self.opt, self.scaler, self.device)
 
     def payload(self) -> dict:
         """Everything the checkpoint holds: weights, EMA, optimizer, step, RNG, kind, configs, split."""

@@ -118,6 +118,18 @@ class EMA:
                 self.state[k].copy_(v)
 
 
+def restore_training_state(ckpt: dict, model: torch.nn.Module, ema: "EMA", opt: torch.optim.Optimizer,
+                           scaler, device: torch.device) -> int:
+    """Load weights, EMA, optimizer, AMP scaler and RNG states from a checkpoint; returns its step."""
+    model.load_state_dict(ckpt["model"])
+    ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_state(ckpt["rng"])
+    return int(ckpt["step"])
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on the FF-Parser filters, whose neutral value is 1 (identity), not 0."""
     named = list(model.named_parameters())
@@ -251,13 +263,7 @@ class Trainer:
                                   f"--out_dir must be one folder every node can read")
 
     def _restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.ema.state = {k: v.to(self.device) for k, v in ckpt["ema"].items()}
-        self.opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step = int(ckpt["step"])
-        restore_rng_state(ckpt["rng"])
+        self.step = restore_training_state(ckpt, self.model, self.ema, self.opt, self.scaler, self.device)
         was = int(ckpt["config"]["train"].get("batch_size", 0)) * int(ckpt.get("world_size", 1))
         now = self.tc.batch_size * self.di.world_size
         if was != now and self.di.is_main:
