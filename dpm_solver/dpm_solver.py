@@ -33,6 +33,17 @@ with phi_k(z) = int_0^1 e^{(1-tau) z} tau^{k-1}/(k-1)! dtau, i.e.
 phi_1(z) = (e^z-1)/z, phi_2(z) = (e^z-1-z)/z^2, phi_3(z) = (e^z-1-z-z^2/2)/z^3.
 For k = 1 this is DDIM ([DPM] Eq. (3.7); DPM-Solver++ with k = 1).
 
+SDE-DPM-Solver++ ('sde-dpmsolver++', [DPM++] Sec. 5 / App. on the diffusion SDE)
+integrates the reverse diffusion SDE instead of the ODE.  In data prediction
+its exact solution from s to t is
+      x_t = (sigma_t/sigma_s) e^{-h} x_s + 2 alpha_t int_{lambda_s}^{lambda_t}
+              e^{-2(lambda_t - lambda)} x0(x_lambda, lambda) dlambda
+            + sigma_t sqrt(1 - e^{-2h}) z,          z ~ N(0, I),
+the common form above with A = (sigma_t/sigma_s) e^{-h}, B = 2 alpha_t,
+c_n = h^{n+1} phi_{n+1}(-2h), plus the noise term.  Its first order is the
+DDPM posterior step q(x_t | x_s, x0) (DDIM with eta = 1); its second order
+(multistep, 'dpmsolver' type) is SDE-DPM-Solver++(2M).
+
 The derivatives m^{(n)}(lambda_s) are estimated from model outputs at other
 points on the lambda axis (intermediate points of a singlestep step, or the
 previous grid points of a multistep method) by differentiating the
@@ -68,7 +79,8 @@ from .wrapper import model_wrapper
 
 __all__ = ["NoiseScheduleVP", "model_wrapper", "DPM_Solver", "phi"]
 
-_ALGORITHMS = ("dpmsolver++", "dpmsolver")
+_ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
+_DATA_PREDICTION = ("dpmsolver++", "sde-dpmsolver++")
 _METHODS = ("multistep", "singlestep", "singlestep_fixed")
 _SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 _SOLVER_TYPES = ("dpmsolver", "taylor")
@@ -149,8 +161,9 @@ class DPM_Solver:
             ``t_continuous`` is passed as a tensor of shape [batch] on x's device,
             in x's dtype (float32 for half-precision x).
         noise_schedule: the :class:`NoiseScheduleVP`.
-        algorithm_type: 'dpmsolver++' (integrate the data prediction x0, default)
-            or 'dpmsolver' (integrate the noise prediction eps).
+        algorithm_type: 'dpmsolver++' (integrate the data prediction x0, default),
+            'dpmsolver' (integrate the noise prediction eps), or 'sde-dpmsolver++'
+            (the reverse SDE in data prediction: stochastic, multistep, orders 1-2).
         correcting_x0_fn: None, 'dynamic_thresholding', or a callable
             ``fn(x0, t) -> x0`` applied to every predicted x0 (``t`` as above).
             With 'dpmsolver' the corrected x0 is turned back into
@@ -223,7 +236,7 @@ class DPM_Solver:
         t = self._time_tensor(x, p.t)
         self.nfe += 1
         eps = self.model(x, t)
-        if self.algorithm_type == "dpmsolver++":
+        if self.algorithm_type in _DATA_PREDICTION:
             x0 = (x - p.sigma * eps) / p.alpha
             if self.correcting_x0_fn is not None:
                 x0 = self.correcting_x0_fn(x0, t)
@@ -279,14 +292,20 @@ class DPM_Solver:
         """(A, B) of x_t = A x_s + B * sum_n c_n m^{(n)}  (see module docstring)."""
         if self.algorithm_type == "dpmsolver++":
             return t.sigma / s.sigma, t.alpha
+        if self.algorithm_type == "sde-dpmsolver++":
+            return t.sigma / s.sigma * math.exp(-(t.lam - s.lam)), 2.0 * t.alpha
         return t.alpha / s.alpha, -t.sigma
 
     def _taylor_coefficients(self, s: _Point, t: _Point, n_terms: int) -> List[float]:
         """c_n = h^{n+1} phi_{n+1}(+-h), n < n_terms: the exact weights of the
         Taylor terms ([DPM] Eq. (3.6); [DPM++] Sec. 4.1)."""
         h = t.lam - s.lam
-        z = h if self.algorithm_type == "dpmsolver" else -h
+        z = {"dpmsolver": h, "dpmsolver++": -h, "sde-dpmsolver++": -2.0 * h}[self.algorithm_type]
         return [h ** (n + 1) * phi(n + 1, z) for n in range(n_terms)]
+
+    def _step_noise_std(self, s: _Point, t: _Point) -> float:
+        """Standard deviation of the fresh noise an SDE step from s to t adds: sigma_t sqrt(1 - e^{-2h})."""
+        return t.sigma * math.sqrt(-math.expm1(-2.0 * (t.lam - s.lam)))
 
     def _exp_step(
         self, x_s: torch.Tensor, s: _Point, t: _Point, terms: Sequence[torch.Tensor], coeffs: Sequence[float]
@@ -401,6 +420,7 @@ class DPM_Solver:
         solver_type: str = "dpmsolver",
         return_intermediate: bool = False,
         multistep_warmup: str = "singlestep",
+        noise_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
         """Integrate the probability-flow ODE from ``t_start`` (x = x_{t_start}) to ``t_end``.
 
@@ -438,11 +458,18 @@ class DPM_Solver:
                 d eps / d lambda ~ alpha_T^2), but from a part-way t_start it
                 makes order 3 converge at order 2 only.
                 Orders 1 and 2 are the same under both choices.
+            noise_fn: 'sde-dpmsolver++' only: ``noise_fn(x)`` returns fresh
+                standard normal noise shaped like x (default torch.randn_like);
+                called once per step.
 
         Returns:
             x at t_end, or (x, intermediates) if ``return_intermediate``.
         """
         self._check_args(order, method, solver_type, multistep_warmup, steps)
+        if self.algorithm_type == "sde-dpmsolver++" and (method != "multistep" or order > 2):
+            raise ValueError(f"algorithm_type='sde-dpmsolver++' supports method='multistep' with order 1 or 2, "
+                             f"got method={method!r}, order={order}")
+        self._noise_fn = noise_fn or torch.randn_like
         ns = self.noise_schedule
         t_0 = (1.0 / ns.total_N if ns.schedule == "discrete" else 1e-3) if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
@@ -505,6 +532,8 @@ class DPM_Solver:
                 x = self.singlestep_update(x, s, m_s, t, order - 1, solver_type)
             else:
                 x = self.multistep_update(x, history, t, k, solver_type)
+            if self.algorithm_type == "sde-dpmsolver++":
+                x = x.add(self._noise_fn(x), alpha=self._step_noise_std(s, t))
             if intermediates is not None:
                 intermediates.append(x)
             if i < steps:
@@ -513,7 +542,7 @@ class DPM_Solver:
 
     def _to_data(self, x: torch.Tensor, p: _Point) -> torch.Tensor:
         m = self._evaluate(x, p)
-        if self.algorithm_type == "dpmsolver++":
+        if self.algorithm_type in _DATA_PREDICTION:
             return m
         return (x - p.sigma * m) / p.alpha
 

@@ -6,9 +6,10 @@ import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from . import datasets
+from . import datasets, figures
 from .evaluation import EvalOptions, evaluate
 from .outputs import MANIFEST
 from .predict import SampleConfig, addpm_levels, run_sampling
@@ -27,9 +28,10 @@ class BenchRow:
     dice_delta: float = float("nan")   # Dice minus the reference's (DDPM over all T steps)
     speedup: float = float("nan")      # reference seconds per image / this one's
     nfe_parts: str = ""                # ADDPM: pre-segmentation + chain + denoiser
+    folder: str = ""                   # where its masks and its evaluation (eval/) are
 
 
-def parse_configs(spec: str) -> list[tuple[str, int]]:
+def parse_configs(spec: str, flag: str = "--configs") -> list[tuple[str, int]]:
     """'ddpm:1000,dpm_solver++:20,addpm-ddpm:0' -> [('ddpm', 1000), ('dpm_solver++', 20), ('addpm-ddpm', 0)].
 
     addpm-<sampler> is ADDPM with that sampler over its truncated chain (steps 0: the default, every DDPM step
@@ -38,7 +40,7 @@ def parse_configs(spec: str) -> list[tuple[str, int]]:
     for item in spec.split(","):
         name, _, steps = item.strip().partition(":")
         if not name or not steps.isdigit():
-            raise ValueError(f"--configs entries are sampler:steps, got {item!r}")
+            raise ValueError(f"{flag} entries are sampler:steps, got {item!r}")
         out.append((name, int(steps)))
     return out
 
@@ -90,7 +92,7 @@ def run_one(base: SampleConfig, sampler: str, steps: int, num_ensemble: int, out
     m = result.summary["metrics"]
     label = summary["sampler"] + (f" ({tag[1:]})" if tag else "")
     return BenchRow(label, summary["steps"], num_ensemble, nfe, seconds, m["dice"]["mean"],
-                    m["iou"]["mean"], nfe_parts=parts)
+                    m["iou"]["mean"], nfe_parts=parts, folder=str(out))
 
 
 def manifest_cost(out: Path, ids: list[str], summary: dict, num_ensemble: int) -> tuple[float, int, str]:
@@ -120,10 +122,15 @@ def sampled_split(out: Path, data: tuple[str, str], cfg: SampleConfig) -> Path:
     return path
 
 
+def reference_row(rows: list[BenchRow]) -> BenchRow:
+    """The row the others are compared with: the DDPM row with most steps (else the first row)."""
+    ddpm = [r for r in rows if r.sampler == "ddpm"]
+    return max(ddpm, key=lambda r: r.steps) if ddpm else rows[0]
+
+
 def compare(rows: list[BenchRow]) -> list[BenchRow]:
     """Fill Dice difference and speed-up against the reference row (the DDPM row with most steps)."""
-    ddpm = [r for r in rows if r.sampler == "ddpm"]
-    ref = max(ddpm, key=lambda r: r.steps) if ddpm else rows[0]
+    ref = reference_row(rows)
     for r in rows:
         r.dice_delta = r.dice - ref.dice
         r.speedup = ref.seconds_per_image / max(r.seconds_per_image, 1e-12)
@@ -156,3 +163,34 @@ def to_csv(rows: list[BenchRow]) -> str:
     for r in rows:
         w.writerow([getattr(r, k) for k in BenchRow.__dataclass_fields__])
     return buf.getvalue()
+
+
+def per_image(row: BenchRow) -> pd.DataFrame:
+    """The per-image scores of the images a row sampled, from its evaluation CSV (index: image id)."""
+    return pd.read_csv(Path(row.folder) / "eval" / "evaluation.csv", dtype={"id": str}).set_index("id")
+
+
+def row_title(row: BenchRow) -> str:
+    return f"{row.sampler} {row.steps}"
+
+
+def plot(rows: list[BenchRow], data: tuple[str, str], split: str, plot_dir: Path, n_images: int = 4,
+         title: str = "") -> list[Path]:
+    """quant.png: Dice against seconds per image for every row, the reference marked; qual.png: the first
+    `n_images` images with their ground truth, every row's fused mask (captioned with that image's Dice) and the
+    uncertainty maps of the reference and of the last row."""
+    ref = reference_row(rows)
+    quant = figures.speed_quality_plot([figures.SpeedPoint(r.sampler, r.steps, r.seconds_per_image, r.dice)
+                                        for r in rows], plot_dir / "quant.png", title=title,
+                                       reference=figures.SpeedPoint(ref.sampler, ref.steps, ref.seconds_per_image,
+                                                                    ref.dice))
+    ids = list(per_image(ref).index)[:n_images]
+    split_file = Path(ref.folder) / "eval" / "split.json"
+    by_id = {p.id: p for p in datasets.list_pairs(data[0], data[1], split, split_file=split_file)}
+    columns = [figures.Column(row_title(r), Path(r.folder)) for r in rows]
+    columns += [figures.Column(f"uncertainty, {row_title(r)}", Path(r.folder), "uncertainty")
+                for r in ([ref] if rows[-1] is ref else [ref, rows[-1]])]
+    captions = {(i, row_title(r)): f"Dice {d:.3f}" for r in rows for i, d in per_image(r)["dice"].items()}
+    qual = figures.example_grid([by_id[i] for i in ids], columns, plot_dir / "qual.png", title=title,
+                                cell_titles=captions)
+    return [quant, qual]

@@ -21,7 +21,10 @@ import torch
 
 from .gaussian_diffusion import GaussianDiffusion
 
-SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++", "sde-dpm_solver++")
+# the solver samplers and the dpm_solver algorithm each one runs
+SOLVER_ALGORITHMS = {"dpm_solver": "dpmsolver", "dpm_solver++": "dpmsolver++",
+                     "sde-dpm_solver++": "sde-dpmsolver++"}
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -60,7 +63,7 @@ class SamplerSpec:
                                                                              f"down to --stop_t {end}"
         if not 1 <= self.steps <= span:
             raise ValueError(f"--steps must be in 1..{span} ({where}), got {self.steps}")
-        if self.sampler.startswith("dpm_solver"):
+        if self.sampler in SOLVER_ALGORITHMS:
             if end == 0 and start < 2:
                 raise ValueError("the solvers integrate down to x_1 and then denoise: --pre_t must be >= 2")
             if self.order not in (1, 2, 3):
@@ -69,6 +72,9 @@ class SamplerSpec:
                 raise ValueError(f"--skip_type must be time_uniform, logSNR or time_quadratic, got {self.skip_type!r}")
             if self.method not in ("multistep", "singlestep", "singlestep_fixed"):
                 raise ValueError(f"--method must be multistep, singlestep or singlestep_fixed, got {self.method!r}")
+            if self.sampler == "sde-dpm_solver++" and (self.method != "multistep" or self.order > 2):
+                raise ValueError(f"--sampler sde-dpm_solver++ runs --method multistep with --order 1 or 2, got "
+                                 f"--method {self.method} --order {self.order}")
 
 
 class CountingModel:
@@ -155,10 +161,11 @@ def sample_ddim(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor
 
 def sample_dpm_solver(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, spec: SamplerSpec,
                       noise: NoiseSource) -> torch.Tensor:
-    """DPM-Solver (noise prediction) or DPM-Solver++ (data prediction) on the trained discrete schedule,
-    `steps` solver steps from t = start/N to t = end/N (the schedule's knot t_n = n/N is level x_n, the
-    network's index n - 1). A chain to x_0 integrates to t = 1/N and spends one more evaluation denoising to
-    x_0 (as the last DDPM/DDIM step does), so no residual noise of sigma_{1/N} is left: NFE = steps + 1.
+    """DPM-Solver (noise prediction), DPM-Solver++ (data prediction) or SDE-DPM-Solver++ (data prediction,
+    reverse SDE: fresh noise every step, drawn from `noise`) on the trained discrete schedule, `steps` solver
+    steps from t = start/N to t = end/N (the schedule's knot t_n = n/N is level x_n, the network's index n - 1).
+    A chain to x_0 integrates to t = 1/N and spends one more evaluation denoising to x_0 (as the last DDPM/DDIM
+    step does), so no residual noise of sigma_{1/N} is left: NFE = steps + 1.
     The x_0 estimates are clamped to the mask range [-1, 1]."""
     from dpm_solver import DPM_Solver, NoiseScheduleVP, model_wrapper
 
@@ -166,16 +173,14 @@ def sample_dpm_solver(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.
     start, end = spec.interval(n)
     schedule = NoiseScheduleVP("discrete", betas=diffusion.betas.to(x.device, torch.float32))
     wrapped = model_wrapper(model_fn, schedule, model_type="noise")
-    plus = spec.sampler == "dpm_solver++"
-    solver = DPM_Solver(wrapped, schedule, algorithm_type="dpmsolver++" if plus else "dpmsolver",
+    solver = DPM_Solver(wrapped, schedule, algorithm_type=SOLVER_ALGORITHMS[spec.sampler],
                         correcting_x0_fn=(lambda x0, t: x0.clamp(-1, 1)) if spec.clip_denoised else None)
     return solver.sample(x, steps=spec.steps, t_start=start / n, t_end=max(end, 1) / n, order=spec.order,
                          skip_type=spec.skip_type, method=spec.method, lower_order_final=True,
-                         denoise_to_zero=end == 0)
+                         denoise_to_zero=end == 0, noise_fn=lambda like: noise(tuple(like.shape[1:])))
 
 
-SAMPLER_FNS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm_solver": sample_dpm_solver,
-               "dpm_solver++": sample_dpm_solver}
+SAMPLER_FNS = {"ddpm": sample_ddpm, "ddim": sample_ddim, **dict.fromkeys(SOLVER_ALGORITHMS, sample_dpm_solver)}
 
 
 def respaced(diffusion: GaussianDiffusion, use_timesteps: list[int]) -> GaussianDiffusion:

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", type=str2bool, default=False,
                    help="keep the masks a row's folder in --out_dir already holds (same model and seed) and read "
                         "their cost from its manifest instead of resampling them")
+    p.add_argument("--plot", type=str2bool, default=False,
+                   help="also draw quant.png (Dice against seconds per image) and qual.png (example masks and "
+                        "uncertainty maps) into --plot_dir")
+    p.add_argument("--plot_dir", default="readme", help="folder of the figures (the README shows readme/)")
+    p.add_argument("--plot_images", type=int, default=4, help="images in qual.png")
     a = p.add_argument_group("ADDPM rows (as in segmentation_sample.py)")
     for name in ("pre_t", "stop_t", "preseg", "denoiser_path"):
         f = SampleConfig.__dataclass_fields__[name]
@@ -78,6 +83,11 @@ def main(argv=None) -> None:
         lines += ["", f"ensemble cost ({sampler} {steps} steps): 1 member {one.seconds_per_image:.3f} s/image, "
                       f"{args.num_ensemble} members batched {many.seconds_per_image:.3f} s/image = {ratio:.2f}x "
                       f"one member (Dice {one.dice:.4f} -> {many.dice:.4f})"]
+    if args.plot:
+        made = benchmark.plot(rows, data, args.split, Path(args.plot_dir), args.plot_images,
+                              title=f"{data[0]} {args.split}, {len(benchmark.per_image(rows[0]))} images, "
+                                    f"{args.num_ensemble} members, {device.type}")
+        lines += ["", "figures: " + ", ".join(str(m) for m in made)]
     text = "\n".join(lines) + "\n"
     out_root.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_root / "benchmark.md", lambda tmp: tmp.write_text(text))

@@ -551,3 +551,97 @@ def test_invalid_arguments(linear_ns, discrete_ns):
         DPM_Solver(lambda x, t: x, linear_ns, algorithm_type="ddim")
     with pytest.raises(ValueError):
         NoiseScheduleVP("discrete")
+
+
+# --------------------------------------------------------------------------- SDE-DPM-Solver++
+@pytest.mark.parametrize("skip_type", ["logSNR", "time_uniform"])
+def test_sde_order1_is_the_ddpm_posterior_step(linear_ns, skip_type):
+    """First-order SDE-DPM-Solver++ is DDIM with eta = 1, i.e. a draw from q(x_t | x_s, x0_hat) (DDPM eq. 7):
+    mean sqrt(a_t) x0 + sqrt(1 - a_t - var) eps, var = (1 - a_t)/(1 - a_s) (1 - a_s/a_t), the same noise."""
+    g = Gaussian(linear_ns)
+    x_T = noise((8, 4))
+    steps, t_end = 25, 0.02
+    zs = [noise((8, 4), seed=100 + i) for i in range(steps)]
+    it = iter(zs)
+    solver = DPM_Solver(g.eps, linear_ns, algorithm_type="sde-dpmsolver++")
+    out = solver.sample(x_T.clone(), steps=steps, t_end=t_end, order=1, skip_type=skip_type,
+                        noise_fn=lambda like: next(it))
+    assert solver.nfe == steps
+    ts = solver.get_time_steps(skip_type, 1.0, t_end, steps)
+    x = x_T.clone()
+    for i in range(steps):
+        s, t = ts[i], ts[i + 1]
+        a_s, a_t = linear_ns.marginal_alpha(s) ** 2, linear_ns.marginal_alpha(t) ** 2  # alpha_bar
+        eps = g.eps(x, s.expand(8))
+        x0_hat = (x - torch.sqrt(1 - a_s) * eps) / torch.sqrt(a_s)
+        var = (1 - a_t) / (1 - a_s) * (1 - a_s / a_t)
+        x = torch.sqrt(a_t) * x0_hat + torch.sqrt(1 - a_t - var) * eps + torch.sqrt(var) * zs[i]
+    assert max_err(out, x) < 1e-12 * x.abs().max().item()
+
+
+def _sde_marginal_errors(ns, order, solver_type, ks, t_start=1.0):
+    """Exact mean and variance errors of SDE-DPM-Solver++ samples at T_END for Gaussian data, from x_{t_start}
+    drawn from its true marginal. Every quantity is affine in the independent normals (x_{t_start} and one z per
+    step) because E[x0 | x_t] is affine in x_t, so the solver runs on the coefficient vectors: column 0 holds
+    the constant, column 1 + j the coefficient of the j-th normal. No Monte Carlo."""
+    g = Gaussian(ns)
+    a_T, s_T = (float(f(torch.tensor(t_start, dtype=F64))) for f in (ns.marginal_alpha, ns.marginal_std))
+    a_0, s_0 = (float(f(torch.tensor(T_END, dtype=F64))) for f in (ns.marginal_alpha, ns.marginal_std))
+    mean_errs, var_errs = [], []
+    for k in ks:
+        def eps(X, t):  # the exact eps, applied to the affine representation (the constant only in column 0)
+            a, sg = float(ns.marginal_alpha(t[:1])), float(ns.marginal_std(t[:1]))
+            shift = torch.zeros_like(X)
+            shift[:, 0] = a * g.mu
+            return sg * (X - shift) / (a**2 * g.s**2 + sg**2)[:, None]
+
+        fresh = iter(range(2, k + 2))
+
+        def noise_fn(X):
+            z = torch.zeros_like(X)
+            z[:, next(fresh)] = 1.0
+            return z
+
+        X = torch.zeros(4, k + 2, dtype=F64)
+        X[:, 0], X[:, 1] = a_T * g.mu, torch.sqrt(a_T**2 * g.s**2 + s_T**2)
+        out = DPM_Solver(eps, ns, algorithm_type="sde-dpmsolver++").sample(
+            X, steps=k, t_start=t_start, t_end=T_END, order=order, skip_type="logSNR", lower_order_final=False,
+            solver_type=solver_type, noise_fn=noise_fn)
+        mean_errs.append(max_err(out[:, 0], a_0 * g.mu))
+        var_errs.append(max_err((out[:, 1:] ** 2).sum(1), a_0**2 * g.s**2 + s_0**2))
+    return mean_errs, var_errs
+
+
+@pytest.mark.parametrize("solver_type", ["dpmsolver", "taylor"])
+def test_sde_weak_convergence_order(linear_ns, solver_type):
+    """The sample distribution converges to the true marginal N(alpha mu, alpha^2 s^2 + sigma^2): the variance
+    error falls at order 1 (first order) and 2 (SDE-DPM-Solver++(2M)); the mean is exact for this problem."""
+    for order in (1, 2):
+        mean_errs, var_errs = _sde_marginal_errors(linear_ns, order, solver_type, ORDER_KS)
+        assert max(mean_errs) < 1e-12, mean_errs
+        assert min(var_errs) > 1e-6, var_errs
+        slope = loglog_slope(ORDER_KS, var_errs)
+        assert order - 0.2 <= slope <= order + 0.6, (order, slope, var_errs)
+    # and from a part-way start (ADDPM's truncated chain)
+    _, var_errs = _sde_marginal_errors(linear_ns, 2, solver_type, ORDER_KS, t_start=0.3)
+    assert loglog_slope(ORDER_KS, var_errs) >= 1.8, var_errs
+
+
+def test_sde_is_stochastic_and_lands_on_a_point_mass(linear_ns):
+    g = Gaussian(linear_ns, s=(1e-9,) * 4)  # data = mu exactly: every sample must end on mu
+    solver = DPM_Solver(g.eps, linear_ns, algorithm_type="sde-dpmsolver++")
+    x_T = noise((8, 4))
+    a = solver.sample(x_T.clone(), steps=10, t_end=T_END, order=2, denoise_to_zero=True)
+    assert solver.nfe == 11
+    torch.testing.assert_close(a, g.mu.expand(8, 4), atol=1e-6, rtol=0)
+    wide = Gaussian(linear_ns)
+    b, c = (DPM_Solver(wide.eps, linear_ns, algorithm_type="sde-dpmsolver++").sample(x_T.clone(), steps=10)
+            for _ in range(2))
+    assert max_err(b, c) > 1e-2  # fresh noise at every step: the same start gives different samples
+
+
+def test_sde_invalid_arguments(linear_ns):
+    solver = DPM_Solver(lambda x, t: x, linear_ns, algorithm_type="sde-dpmsolver++")
+    for kwargs in ({"order": 3}, {"method": "singlestep"}, {"method": "singlestep_fixed"}):
+        with pytest.raises(ValueError, match="sde-dpmsolver"):
+            solver.sample(torch.zeros(1, 1), steps=5, **kwargs)

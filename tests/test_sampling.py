@@ -10,7 +10,8 @@ from PIL import Image
 from dpm_solver import NoiseScheduleVP
 from guided_diffusion import predict
 from guided_diffusion.gaussian_diffusion import create_diffusion
-from guided_diffusion.sampling import (SamplerSpec, respaced, sample_ensemble, spaced_timesteps)
+from guided_diffusion.sampling import (SOLVER_ALGORITHMS, SamplerSpec, respaced, sample_ensemble,
+                                      spaced_timesteps)
 from guided_diffusion.unet import Condition
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_respacing_all_steps_is_identity_and_keeps_alpha_bar():
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 100), ("ddpm", 10), ("ddim", 10), ("dpm_solver", 10),
-                                           ("dpm_solver++", 10), ("dpm_solver++", 5)])
+                                           ("dpm_solver++", 10), ("dpm_solver++", 5), ("sde-dpm_solver++", 10)])
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_every_sampler_lands_on_point_mass_data_and_counts_nfe(sampler, steps, learn_sigma):
     d = create_diffusion(100, "cosine", learn_sigma)
@@ -69,11 +70,12 @@ def test_every_sampler_lands_on_point_mass_data_and_counts_nfe(sampler, steps, l
     assert res.members.shape == (2, 3, 8, 8)
     torch.testing.assert_close(res.members, torch.full_like(res.members, (c + 1) / 2), atol=2e-3, rtol=0)
     # the solvers spend one more evaluation denoising from t = 1/N to x_0
-    assert res.nfe == model.calls == steps + (sampler.startswith("dpm_solver"))
+    assert res.nfe == model.calls == steps + (sampler in SOLVER_ALGORITHMS)
     assert model.encodes == 1  # image features once per batch, reused by every step and member
 
 
-def test_ddpm_is_stochastic_per_member_and_reproducible_per_image():
+@pytest.mark.parametrize("sampler", ["ddpm", "sde-dpm_solver++"])
+def test_stochastic_samplers_differ_per_member_and_reproduce_per_image(sampler):
     d = create_diffusion(50, "linear", False)
 
     class Zero(PointMassModel):  # predicts eps = 0: ancestral noise makes the members differ
@@ -82,7 +84,7 @@ def test_ddpm_is_stochastic_per_member_and_reproducible_per_image():
 
     model = Zero(d, 0.0)
     images = torch.rand(3, 3, 8, 8)
-    spec = SamplerSpec("ddpm", 20)
+    spec = SamplerSpec(sampler, 20)
     a = sample_ensemble(model, d, images, 4, spec, seeds=[10, 11, 12]).members
     assert (a[0, 0] - a[0, 1]).abs().max() > 1e-3
     # image 1 alone, with its seed, gives the same members as inside the batch
@@ -98,6 +100,10 @@ def test_spec_validation_names_the_flag():
         SamplerSpec("euler", 5).validate(20)
     with pytest.raises(ValueError, match="--order"):
         SamplerSpec("dpm_solver++", 5, order=4).validate(20)
+    with pytest.raises(ValueError, match="sde-dpm_solver.. runs --method multistep with --order 1 or 2"):
+        SamplerSpec("sde-dpm_solver++", 5, order=3).validate(20)
+    with pytest.raises(ValueError, match="--method singlestep"):
+        SamplerSpec("sde-dpm_solver++", 5, method="singlestep").validate(20)
 
 
 def test_seed_fast_command_means_dpm_solver_pp_on_trained_schedule():
@@ -205,15 +211,23 @@ def test_benchmark_compares_against_the_ddpm_reference(trained, tmp_path):
     with pytest.raises(ValueError, match="--configs"):
         benchmark.parse_configs("ddpm")
     r = script("benchmark_sampling.py", "--model_path", trained / "run", "--out_dir", tmp_path / "b", "--configs",
-               "ddpm:1000,ddim:4,dpm_solver++:3", "--num_ensemble", 2, "--max_images", 2, "--ensemble_check",
-               "dpm_solver++:3", "--device", "cpu")
+               "ddpm:1000,ddim:4,dpm_solver++:3,sde-dpm_solver++:3", "--num_ensemble", 2, "--max_images", 2,
+               "--ensemble_check", "dpm_solver++:3", "--device", "cpu", "--plot", "True", "--plot_dir",
+               tmp_path / "fig", "--plot_images", 2)
     assert r.returncode == 0, r.stderr
     import csv
     rows = list(csv.DictReader(open(tmp_path / "b" / "benchmark.csv")))
     assert [(x["sampler"], x["steps"], x["nfe"]) for x in rows] == [("ddpm", "40", "40"), ("ddim", "4", "4"),
-                                                                     ("dpm_solver++", "3", "4")]
+                                                                     ("dpm_solver++", "3", "4"),
+                                                                     ("sde-dpm_solver++", "3", "4")]
     ref = rows[0]
     assert float(ref["dice_delta"]) == 0 and float(ref["speedup"]) == 1
     for x in rows:
         assert float(x["dice_delta"]) == pytest.approx(float(x["dice"]) - float(ref["dice"]))
     assert "ensemble cost" in (tmp_path / "b" / "benchmark.md").read_text()
+    # --plot: the two figures, complete PNGs, nothing half-written beside them
+    for name in ("quant.png", "qual.png"):
+        with Image.open(tmp_path / "fig" / name) as im:
+            im.load()
+            assert im.size[0] > 200 and im.size[1] > 100
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["qual.png", "quant.png"]

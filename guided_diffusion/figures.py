@@ -1,0 +1,131 @@
+"""Figures made from a run's own output folders: example grids (image, ground truth, masks, uncertainty) and
+the speed/quality plot (Dice against seconds per image, the seed's figure in our numbers).
+
+Everything is read back from what the samplers wrote (`<id>.png`, `uncertainty/<id>.png`), so a figure shows
+exactly the files that were scored. matplotlib draws with its file-only Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import datasets
+from .checkpoint import atomic_write_bytes
+
+CELL_INCHES = 1.35  # side of one image in a grid
+MASK_CMAP, UNCERTAINTY_CMAP = "gray", "magma"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of an example grid: a title and, per image id, the file to show (mask or uncertainty map)."""
+    title: str
+    folder: Path
+    kind: str = "mask"  # "mask": <folder>/<id>.png; "uncertainty": <folder>/uncertainty/<id>.png
+
+    def path(self, image_id: str) -> Path:
+        return self.folder / (f"uncertainty/{image_id}.png" if self.kind == "uncertainty" else f"{image_id}.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # file output only; works on machines without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Render the figure to PNG in memory and write it atomically (no half-written figure is ever seen)."""
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
+    return path
+
+
+def _gray(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (was this image sampled?)")
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L"))
+
+
+def example_grid(pairs: list[datasets.Pair], columns: list[Column], path: Path, title: str = "",
+                 cell_titles: dict[tuple[str, str], str] | None = None) -> Path:
+    """A grid with one row per image: the image, its ground truth, then `columns` (masks, uncertainty maps).
+
+    `cell_titles[(image_id, column title)]` puts a caption (e.g. that image's Dice) under a cell.
+    """
+    if not pairs:
+        raise ValueError("an example grid needs at least one image")
+    plt = _pyplot()
+    n_cols = 2 + len(columns)
+    fig, axes = plt.subplots(len(pairs), n_cols, figsize=(CELL_INCHES * n_cols, CELL_INCHES * len(pairs) + 0.4),
+                             squeeze=False)
+    heads = ["image", "ground truth"] + [c.title for c in columns]
+    for r, pair in enumerate(pairs):
+        cells = [(np.asarray(datasets.load_image(pair.image)), None),
+                 (datasets.load_mask(pair.mask).astype(np.uint8) * 255, MASK_CMAP)]
+        cells += [(_gray(c.path(pair.id)), UNCERTAINTY_CMAP if c.kind == "uncertainty" else MASK_CMAP)
+                  for c in columns]
+        for k, (arr, cmap) in enumerate(cells):
+            ax = axes[r, k]
+            ax.imshow(arr, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(heads[k], fontsize=8)
+            caption = (cell_titles or {}).get((pair.id, heads[k]))
+            if caption:
+                ax.set_xlabel(caption, fontsize=7)
+        axes[r, 0].set_ylabel(pair.id, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class SpeedPoint:
+    """One sampler setting on the speed/quality plot."""
+    sampler: str
+    steps: int
+    seconds_per_image: float
+    dice: float
+
+
+def speed_quality_plot(points: list[SpeedPoint], path: Path, title: str = "",
+                       reference: SpeedPoint | None = None, tolerance: float = 0.01) -> Path:
+    """Dice against seconds per image (log scale), one line per sampler through its step counts; the reference
+    (DDPM over all T steps) marked, with a dashed line `tolerance` below its Dice."""
+    if not points:
+        raise ValueError("nothing to plot")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(p.sampler for p in points):
+        mine = sorted((p for p in points if p.sampler == name), key=lambda p: p.seconds_per_image)
+        ax.plot([p.seconds_per_image for p in mine], [p.dice for p in mine], marker="o", label=name)
+        for p in mine:
+            ax.annotate(str(p.steps), (p.seconds_per_image, p.dice), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    if reference is not None:
+        ax.axhline(reference.dice - tolerance, color="gray", linestyle="--", linewidth=0.8,
+                   label=f"reference Dice − {tolerance:g}")
+        ax.plot([reference.seconds_per_image], [reference.dice], marker="*", markersize=12, color="black",
+                linestyle="none", label=f"reference: {reference.sampler} {reference.steps}")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per image (log scale)")
+    ax.set_ylabel("Dice")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
