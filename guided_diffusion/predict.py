@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import addpm, datasets
+from . import addpm, datasets, dist_util
 from .aux_nets import DESCRIBE, checkpoint_kind
 from .checkpoint import CheckpointError, load_checkpoint
 from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
@@ -34,14 +34,15 @@ class SampleConfig:
     data_name: str = field(default="", metadata={"help": "data set (default: the checkpoint's)"})
     data_dir: str = field(default="", metadata={"help": "data root (default: the checkpoint's)"})
     split: str = field(default="test", metadata={"help": "train, val, test or all (the training run's split)"})
-    sampler: str = field(default="", metadata={"help": "ddpm, ddim, dpm_solver, dpm_solver++ or addpm (default: "
-                                                       "ddpm, or dpm_solver++ with --dpm_solver True)"})
+    sampler: str = field(default="", metadata={"help": "ddpm, ddim, dpm_solver, dpm_solver++, sde-dpm_solver++ "
+                                                       "(stochastic DPM-Solver++) or addpm (default: ddpm, or "
+                                                       "dpm_solver++ with --dpm_solver True)"})
     steps: int = field(default=0, metadata={"help": "sampling steps (default: all T for ddpm, 50 for ddim, "
                                                     "20 for the solvers; for addpm, of its chain, at most "
                                                     "pre_t - stop_t)"})
     dpm_solver: bool = field(default=False, metadata={"help": "seed flag: DPM-Solver++ (multistep, order 2); "
                                                               "--diffusion_steps then gives the step count"})
-    order: int = field(default=2, metadata={"help": "DPM-Solver order (1, 2, 3)"})
+    order: int = field(default=2, metadata={"help": "DPM-Solver order (1, 2, 3; sde-dpm_solver++: 1, 2)"})
     skip_type: str = field(default="time_uniform", metadata={"help": "time_uniform, logSNR or time_quadratic"})
     method: str = field(default="multistep", metadata={"help": "multistep, singlestep or singlestep_fixed"})
     eta: float = field(default=0.0, metadata={"help": "DDIM noise (0: deterministic)"})
@@ -51,9 +52,9 @@ class SampleConfig:
     stop_t: int = field(default=-1, metadata={"help": "addpm: the chain stops at x_{stop_t}, 0 <= stop_t < pre_t, "
                                                       "and the denoiser finishes (0: down to x_0, no denoiser; "
                                                       "-1: T/4, the seed's 250 of 1000)"})
-    addpm_inner: str = field(default="", metadata={"help": "addpm: the chain's sampler, ddpm, ddim, dpm_solver or "
-                                                           "dpm_solver++ (default: ddpm, or dpm_solver++ with "
-                                                           "--dpm_solver True)"})
+    addpm_inner: str = field(default="", metadata={"help": "addpm: the chain's sampler, ddpm, ddim, dpm_solver, "
+                                                           "dpm_solver++ or sde-dpm_solver++ (default: ddpm, or "
+                                                           "dpm_solver++ with --dpm_solver True)"})
     preseg: str = field(default="", metadata={"help": "addpm: head (the diffusion model's image-encoder head) or "
                                                       "a train_preseg_network.py checkpoint"})
     preseg_path: str = field(default="", metadata={"help": "addpm: pre-segmentation network checkpoint (file or run "
@@ -273,7 +274,9 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
     finally:
         bar.close()
         writer.close()
-    return {"images": len(todo), "skipped": len(pairs) - len(todo), "seconds": total_s, "nfe": nfe,
+    # under torchrun: the totals over every rank's shard (each rank timed its own images)
+    done, skipped, total_s = dist_util.all_reduce_sum([len(todo), len(pairs) - len(todo), total_s], device)
+    return {"images": int(done), "skipped": int(skipped), "seconds": total_s, "nfe": nfe,
             "nfe_parts": nfe_parts, "sampler": label, "steps": spec.steps, "out_dir": str(out_dir),
             "addpm": {k: record_base[k] for k in ("pre_t", "stop_t", "preseg") if k in record_base}}
 

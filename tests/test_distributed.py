@@ -115,6 +115,7 @@ def test_sharded_sampling_equals_single_process(runs, tmp_path):
     r = torchrun(str(SCRIPTS / "segmentation_sample.py"), "--model_path", str(runs["single"]),
                  "--out_dir", str(tmp_path / "two"), *SAMPLE)
     assert r.returncode == 0, r.stderr[-4000:]
+    assert "7 images sampled" in r.stdout, r.stdout[-2000:]  # the summary counts every rank's shard
     one, two = _pngs(tmp_path / "one"), _pngs(tmp_path / "two")
     assert len([k for k in one if "/" not in k]) == 7 and one.keys() == two.keys()
     for k in one:
