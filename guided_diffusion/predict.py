@@ -73,6 +73,10 @@ class SampleConfig:
     seed: int = field(default=0, metadata={"help": "random seed (per image, so results do not depend on batching)"})
     use_ema: bool = field(default=True, metadata={"help": "sample with the EMA weights"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), none or bf16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the network (the first batch compiles)"})
+    channels_last: bool = field(default=False, metadata={"help": "NHWC memory layout for the convolutions"})
+    warmup: int = field(default=-1, metadata={"help": "batches sampled once untimed before the first timed one "
+                                                      "(-1: 1 on CUDA, 0 elsewhere); masks are unchanged"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     num_workers: int = field(default=2, metadata={"help": "data-loading workers"})
 
@@ -87,8 +91,10 @@ class LoadedModel:
     ckpt: dict
 
 
-def load_model(model_path: str, device: torch.device, use_ema: bool = True) -> LoadedModel:
-    """Build the network from the checkpoint's config and load its (EMA) weights."""
+def load_model(model_path: str, device: torch.device, use_ema: bool = True, compile: bool = False,
+               channels_last: bool = False) -> LoadedModel:
+    """Build the network from the checkpoint's config and load its (EMA) weights; optionally NHWC and compiled
+    (the compiled forward is the denoising step; the image encoder runs once per image and stays eager)."""
     ckpt = load_checkpoint(model_path)
     if checkpoint_kind(ckpt) != "diffusion":
         raise CheckpointError(f"--model_path {ckpt['path']} is a {DESCRIBE[checkpoint_kind(ckpt)]} checkpoint, not "
@@ -98,6 +104,10 @@ def load_model(model_path: str, device: torch.device, use_ema: bool = True) -> L
     model = create_model(mc, dc)
     model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     model.to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.forward = torch.compile(model.forward)
     return LoadedModel(model, create_gaussian_diffusion(dc), mc, dc, ckpt)
 
 
@@ -183,9 +193,29 @@ def sampling_autocast(flag: str, device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class BatchTimer:
+    """Seconds spent on one batch: CUDA events on a GPU (the time the device worked, recorded on its stream), the
+    wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self) -> "BatchTimer":
+        if self.cuda:
+            self._start, self._end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1000.0
+        else:
+            self.seconds = time.perf_counter() - self._t0
 
 
 def batch_sampler(lm: LoadedModel, spec: SamplerSpec, plan: addpm.AddpmSampler | None, num_ensemble: int):
@@ -201,7 +231,7 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
     _validate(cfg)
     if not cfg.model_path:
         raise ValueError("--model_path is required (a checkpoint file or a training run folder)")
-    lm = load_model(cfg.model_path, device, cfg.use_ema)
+    lm = load_model(cfg.model_path, device, cfg.use_ema, cfg.compile, cfg.channels_last)
     check_flags_against_checkpoint(model_flags, lm.ckpt, cfg.dpm_solver)
     spec = resolve_spec(cfg, model_flags.get("diffusion_steps"), lm.diffusion.num_timesteps)
     plan = None
@@ -240,6 +270,7 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
     if plan is not None:
         record_base.update(pre_t=spec.t_start, stop_t=spec.t_end, preseg=plan.preseg.label)
     sample = batch_sampler(lm, spec, plan, cfg.num_ensemble)
+    warmup = cfg.warmup if cfg.warmup >= 0 else int(device.type == "cuda")
     total_s, nfe, nfe_parts = 0.0, 0, {}
     bar = tqdm(total=len(todo), desc=f"sample {label}-{spec.steps}", unit="img", disable=rank != 0,
                dynamic_ncols=True)
@@ -253,14 +284,17 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
                 raise ValueError(f"images have {images.shape[1]} channels but the checkpoint's model expects "
                                  f"{lm.model.image_channels}")
             ids = list(batch["id"])
-            _sync(device)
-            start = time.perf_counter()
-            with sampling_autocast(cfg.amp, device):
-                result = sample(images, [image_seed(cfg.seed, i) for i in ids])
-            fused = fuse(result.members, cfg.fusion)
-            unc = uncertainty(result.members, cfg.uncertainty)
-            _sync(device)
-            per_image = (time.perf_counter() - start) / len(ids)
+            seeds = [image_seed(cfg.seed, i) for i in ids]
+            for _ in range(warmup):  # untimed: cuDNN autotuning and torch.compile happen here
+                with sampling_autocast(cfg.amp, device):
+                    fuse(sample(images, seeds).members, cfg.fusion)
+            warmup = 0
+            with BatchTimer(device) as timer:
+                with sampling_autocast(cfg.amp, device):
+                    result = sample(images, seeds)
+                fused = fuse(result.members, cfg.fusion)
+                unc = uncertainty(result.members, cfg.uncertainty)
+            per_image = timer.seconds / len(ids)
             total_s += per_image * len(ids)
             nfe, nfe_parts = result.nfe, getattr(result, "nfe_parts", {})
             for k, image_id in enumerate(ids):

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "uncertainty maps) into --plot_dir")
     p.add_argument("--plot_dir", default="readme", help="folder of the figures (the README shows readme/)")
     p.add_argument("--plot_images", type=int, default=4, help="images in qual.png")
+    speed = p.add_argument_group("speed (as in segmentation_sample.py)")
+    for name in ("amp", "compile", "channels_last", "warmup"):
+        f = SampleConfig.__dataclass_fields__[name]
+        speed.add_argument(f"--{name}", type=str2bool if f.type in (bool, "bool") else type(f.default),
+                           default=f.default, help=f.metadata["help"])
     a = p.add_argument_group("ADDPM rows (as in segmentation_sample.py)")
     for name in ("pre_t", "stop_t", "preseg", "denoiser_path"):
         f = SampleConfig.__dataclass_fields__[name]
@@ -58,7 +63,8 @@ def main(argv=None) -> None:
     data = (args.data_name or ckpt["config"]["data"]["data_name"], args.data_dir or ckpt["config"]["data"]["data_dir"])
     base = SampleConfig(model_path=ckpt["path"], data_name=data[0], data_dir=data[1], split=args.split,
                         batch_size=args.batch_size, max_images=args.max_images, seed=args.seed,
-                        device=args.device, num_workers=0)
+                        device=args.device, num_workers=0,
+                        **{k: getattr(args, k) for k in ("amp", "compile", "channels_last", "warmup")})
     addpm = {k: getattr(args, k) for k in ("pre_t", "stop_t", "preseg", "denoiser_path")}
     out_root = Path(args.out_dir)
     rows = []
