@@ -1,0 +1,181 @@
+"""The quickstart: the whole method on one data set in minutes, with its speed/quality report.
+
+It builds the data set (the built-in synthetic one by default), trains a small diffusion segmenter, samples the
+test images with the 1000-step ancestral reference on a few of them and with the fast solvers on all of them,
+scores every folder against the ground truth, and writes `report.md` (the tables), `quant.png` (Dice against
+seconds per image) and one example panel per sampler (image, ground truth, fused mask, uncertainty map).
+Re-running it continues the training from its checkpoint and samples afresh.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import benchmark, datasets, dist_util, figures
+from .checkpoint import atomic_write_bytes, find_latest
+from .predict import SampleConfig
+from .sampling import SAMPLERS
+from .script_util import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+
+
+@dataclass
+class QuickstartConfig:
+    """Flags of scripts/quickstart.py. The defaults fit a 2-core CPU in about 5 minutes (README)."""
+    data_name: str = field(default="SYNTHETIC", metadata={"help": "ISIC, KVASIR, FOLDER or SYNTHETIC"})
+    data_dir: str = field(default="data/synthetic", metadata={"help": "data set root (SYNTHETIC: made when absent)"})
+    out_dir: str = field(default="runs/quickstart", metadata={"help": "where the model, masks and report go"})
+    image_size: int = field(default=32, metadata={"help": "side the images are resized to"})
+    num_channels: int = field(default=16, metadata={"help": "base width of the UNet"})
+    train_steps: int = field(default=1500, metadata={"help": "training steps"})
+    diffusion_steps: int = field(default=1000, metadata={"help": "noise levels T; the reference is DDPM over all T"})
+    batch_size: int = field(default=8, metadata={"help": "training images per step"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    ema_rate: float = field(default=0.995, metadata={"help": "EMA decay of the sampling weights"})
+    samplers: str = field(default="dpm_solver++:20,sde-dpm_solver++:20",
+                          metadata={"help": "fast samplers run on every test image, comma-separated sampler:steps"})
+    ddpm_images: int = field(default=4, metadata={"help": "test images sampled with the 1000-step DDPM reference "
+                                                          "(0: skip it)"})
+    max_images: int = field(default=0, metadata={"help": "test images for the fast samplers (0: all)"})
+    num_ensemble: int = field(default=5, metadata={"help": "masks sampled per image"})
+    panel_images: int = field(default=4, metadata={"help": "images in each example panel"})
+    seed: int = field(default=0, metadata={"help": "random seed (training and sampling)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    num_workers: int = field(default=0, metadata={"help": "data-loading workers for training"})
+
+
+def train_model(cfg: QuickstartConfig, info: dist_util.DistInfo) -> Path:
+    """Train (or finish training) the quickstart's model in <out_dir>/model; returns its checkpoint."""
+    from .train_util import Trainer
+
+    model_dir = Path(cfg.out_dir) / "model"
+    Trainer(ModelConfig(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=1),
+            DiffusionConfig(diffusion_steps=cfg.diffusion_steps),
+            DataConfig(data_name=cfg.data_name, data_dir=cfg.data_dir),
+            TrainConfig(out_dir=str(model_dir), lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.train_steps,
+                        save_interval=cfg.train_steps, log_interval=50, ema_rate=cfg.ema_rate, seed=cfg.seed,
+                        num_workers=cfg.num_workers, device=cfg.device), info).run()
+    path = find_latest(model_dir)
+    if path is None:  # pragma: no cover - run() always saves at max_steps
+        raise RuntimeError(f"training wrote no checkpoint to {model_dir}")
+    return path
+
+
+def same_images_rows(rows: list[benchmark.BenchRow], ids: list[str]) -> list[benchmark.BenchRow]:
+    """Every row re-scored on the reference's images only, with Dice difference and speed-up against it."""
+    def on_ids(r):
+        table = benchmark.per_image(r).loc[ids]
+        return replace(r, dice=float(table["dice"].mean()), iou=float(table["iou"].mean()))
+
+    return benchmark.compare([on_ids(r) for r in rows])
+
+
+def dice_with_ci(row: benchmark.BenchRow) -> tuple[str, int]:
+    """('0.8123 [0.7712, 0.8490]', number of images) from the row's evaluation JSON."""
+    summary = json.loads((Path(row.folder) / "eval" / "evaluation.json").read_text())
+    d = summary["metrics"]["dice"]
+    return f"{d['mean']:.4f} [{d['ci95_low']:.4f}, {d['ci95_high']:.4f}]", int(summary["n_images"])
+
+
+def row_tag(row: benchmark.BenchRow) -> str:
+    return f"{row.sampler}-{row.steps}"
+
+
+def write_report(cfg: QuickstartConfig, ckpt: Path, rows: list[benchmark.BenchRow], head: list[benchmark.BenchRow],
+                 ids: list[str], made: list[Path], minutes: float) -> Path:
+    """report.md: what ran, the table against the reference on its images, the table over every sampled image."""
+    out = Path(cfg.out_dir)
+    lines = [f"# Quickstart report: {cfg.data_name} ({cfg.data_dir})", "",
+             f"Model `{ckpt}`: {cfg.image_size}x{cfg.image_size} px, {cfg.num_channels} channels, "
+             f"{cfg.train_steps} training steps, T = {cfg.diffusion_steps} (linear schedule). "
+             f"{cfg.num_ensemble} masks per image, fused by their mean and thresholded at 0.5; Dice at each "
+             f"image's original size. The whole run took {minutes:.1f} minutes.", ""]
+    if head:
+        lines += [f"## Against DDPM over all {cfg.diffusion_steps} steps, on the same {len(ids)} test images", "",
+                  benchmark.to_markdown(head).rstrip("\n"), ""]
+    lines += ["## Every sampled test image", "",
+              "| sampler | steps | NFE | s / image | images | Dice [95% CI] | IoU |",
+              "|---|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        dice, n = dice_with_ci(r)
+        lines.append(f"| {r.sampler} | {r.steps} | {r.nfe} | {r.seconds_per_image:.3f} | {n} | {dice} | "
+                     f"{r.iou:.4f} |")
+    lines += ["", "NFE: network evaluations per member (all members run as one batch). Seconds per image cover "
+                  "every member and the fusion. 95% CI: percentile bootstrap of the mean Dice.", "",
+              "## Figures", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in made]
+    path = out / "report.md"
+    atomic_write_bytes(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def make_figures(cfg: QuickstartConfig, rows: list[benchmark.BenchRow], ids: list[str],
+                 head: list[benchmark.BenchRow]) -> list[Path]:
+    """quant.png (Dice against seconds per image; on the reference's images when there is one) and one panel
+    per sampler over the first --panel_images of those images."""
+    out = Path(cfg.out_dir)
+    split_file = Path(rows[0].folder) / "split.json"
+    by_id = {p.id: p for p in datasets.list_pairs(cfg.data_name, cfg.data_dir, "test", split_file=split_file)}
+    pairs = [by_id[i] for i in ids[:cfg.panel_images]]
+    made = []
+    for r in rows:
+        dice = benchmark.per_image(r)["dice"]
+        made.append(figures.example_grid(
+            pairs, [figures.Column("fused mask", Path(r.folder)),
+                    figures.Column("uncertainty", Path(r.folder), "uncertainty")],
+            out / f"panel_{row_tag(r)}.png",
+            title=f"{r.sampler}, {r.steps} steps, {r.nfe} NFE, {r.num_ensemble} members",
+            cell_titles={(p.id, "fused mask"): f"Dice {dice.loc[p.id]:.3f}" for p in pairs}))
+    points = [figures.SpeedPoint(r.sampler, r.steps, r.seconds_per_image, r.dice) for r in head or rows]
+    ref = next((p for p in points if (p.sampler, p.steps) == ("ddpm", cfg.diffusion_steps)), None)
+    where = f"the same {len(ids)} test images" if head else "all sampled test images"
+    made.insert(0, figures.speed_quality_plot(
+        points, out / "quant.png", reference=ref,
+        title=f"{cfg.data_name}: Dice on {where}, {cfg.num_ensemble} members"))
+    return made
+
+
+def _validate(cfg: QuickstartConfig) -> list[tuple[str, int]]:
+    if cfg.ddpm_images < 0 or cfg.max_images < 0:
+        raise ValueError("--ddpm_images and --max_images must be >= 0")
+    if cfg.panel_images < 1 or cfg.num_ensemble < 1:
+        raise ValueError("--panel_images and --num_ensemble must be >= 1")
+    configs = benchmark.parse_configs(cfg.samplers, "--samplers") if cfg.samplers.strip() else []
+    if not configs and not cfg.ddpm_images:
+        raise ValueError("nothing to sample: give --samplers or --ddpm_images > 0")
+    unknown = [name for name, _ in configs if name not in SAMPLERS]
+    if unknown:  # checked now, not after the training
+        raise ValueError(f"--samplers: unknown sampler {unknown[0]!r} (one of {', '.join(SAMPLERS)})")
+    return configs
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict[str, Path]:
+    """Train, sample, evaluate, report; returns the paths it wrote (model, report, figures, sample folders)."""
+    t0 = time.perf_counter()
+    configs = _validate(cfg)
+    info = dist_util.setup(cfg.device)
+    if info.distributed:
+        raise ValueError("the quickstart runs as one process; use segmentation_train.py under torchrun")
+    out = Path(cfg.out_dir)
+    print(f"[1/3] training a {cfg.image_size}x{cfg.image_size} model on {cfg.data_name} ({cfg.data_dir}) "
+          f"for {cfg.train_steps} steps", flush=True)
+    ckpt = train_model(cfg, info)
+    base = SampleConfig(model_path=str(ckpt), data_name=cfg.data_name, data_dir=cfg.data_dir, split="test",
+                        batch_size=4, seed=cfg.seed, device=cfg.device, num_workers=0)
+    data, samples = (cfg.data_name, cfg.data_dir), out / "samples"
+    plan = [("ddpm", cfg.diffusion_steps, cfg.ddpm_images)] if cfg.ddpm_images else []
+    plan += [(name, steps, cfg.max_images) for name, steps in configs]
+    print("[2/3] sampling the test images: " + ", ".join(
+        f"{n} {k} steps on {m or 'all'}" for n, k, m in plan), flush=True)
+    rows = [benchmark.run_one(replace(base, max_images=m), n, k, cfg.num_ensemble, samples, info.device, data)
+            for n, k, m in plan]
+    ids = list(benchmark.per_image(rows[0]).index)
+    head = same_images_rows(rows, ids) if cfg.ddpm_images else []
+    print("[3/3] figures and report", flush=True)
+    made = make_figures(cfg, rows, ids, head)
+    report = write_report(cfg, ckpt, rows, head, ids, made, (time.perf_counter() - t0) / 60)
+    print("\n" + report.read_text())
+    paths = {"model": ckpt, "report": report, **{p.stem: p for p in made},
+             **{f"masks {row_tag(r)}": Path(r.folder) for r in rows}}
+    print("written:\n" + "\n".join(f"  {k:<28} {v}" for k, v in paths.items()), flush=True)
+    return paths
