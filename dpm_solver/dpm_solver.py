@@ -33,7 +33,7 @@ with phi_k(z) = int_0^1 e^{(1-tau) z} tau^{k-1}/(k-1)! dtau, i.e.
 phi_1(z) = (e^z-1)/z, phi_2(z) = (e^z-1-z)/z^2, phi_3(z) = (e^z-1-z-z^2/2)/z^3.
 For k = 1 this is DDIM ([DPM] Eq. (3.7); DPM-Solver++ with k = 1).
 
-SDE-DPM-Solver++ ('sde-dpmsolver++', [DPM++] Sec. 5 / App. on the diffusion SDE)
+SDE-DPM-Solver++ ('sde-dpmsolver++', the SDE variant of [DPM++])
 integrates the reverse diffusion SDE instead of the ODE.  In data prediction
 its exact solution from s to t is
       x_t = (sigma_t/sigma_s) e^{-h} x_s + 2 alpha_t int_{lambda_s}^{lambda_t}
@@ -422,7 +422,8 @@ class DPM_Solver:
         multistep_warmup: str = "singlestep",
         noise_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
-        """Integrate the probability-flow ODE from ``t_start`` (x = x_{t_start}) to ``t_end``.
+        """Integrate the probability-flow ODE (for 'sde-dpmsolver++': the reverse SDE) from ``t_start``
+        (x = x_{t_start}) to ``t_end``.
 
         Args:
             x: the initial value at ``t_start`` (pure noise for t_start = T).
@@ -469,7 +470,6 @@ class DPM_Solver:
         if self.algorithm_type == "sde-dpmsolver++" and (method != "multistep" or order > 2):
             raise ValueError(f"algorithm_type='sde-dpmsolver++' supports method='multistep' with order 1 or 2, "
                              f"got method={method!r}, order={order}")
-        self._noise_fn = noise_fn or torch.randn_like
         ns = self.noise_schedule
         t_0 = (1.0 / ns.total_N if ns.schedule == "discrete" else 1e-3) if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
@@ -481,7 +481,7 @@ class DPM_Solver:
             if method == "multistep":
                 x = self._sample_multistep(
                     x, steps, t_T, t_0, order, skip_type, lower_order_final, solver_type, multistep_warmup,
-                    intermediates,
+                    intermediates, noise_fn or torch.randn_like,
                 )
             else:
                 if method == "singlestep":
@@ -513,7 +513,7 @@ class DPM_Solver:
         return x
 
     def _sample_multistep(
-        self, x, steps, t_T, t_0, order, skip_type, lower_order_final, solver_type, warmup, intermediates
+        self, x, steps, t_T, t_0, order, skip_type, lower_order_final, solver_type, warmup, intermediates, noise_fn
     ):
         points = self._points(self._time_grid(skip_type, t_T, t_0, steps))
         # only the last `order` outputs are ever needed: memory is O(order), not O(steps)
@@ -533,7 +533,7 @@ class DPM_Solver:
             else:
                 x = self.multistep_update(x, history, t, k, solver_type)
             if self.algorithm_type == "sde-dpmsolver++":
-                x = x.add(self._noise_fn(x), alpha=self._step_noise_std(s, t))
+                x = x.add(noise_fn(x), alpha=self._step_noise_std(s, t))
             if intermediates is not None:
                 intermediates.append(x)
             if i < steps:
