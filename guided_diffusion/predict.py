@@ -194,12 +194,11 @@ def sampling_autocast(flag: str, device: torch.device):
 
 
 class BatchTimer:
-    """Seconds spent on one batch: CUDA events on a GPU (the time the device worked, recorded on its stream), the
-    wall clock elsewhere."""
+    """Seconds spent on one batch: on a GPU, between two CUDA events recorded on its stream (what the device
+    took, without the host-side launch of the first kernels); elsewhere the wall clock."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.device = device
 
     def __enter__(self) -> "BatchTimer":
         if self.cuda:
