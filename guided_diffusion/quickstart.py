@@ -22,7 +22,7 @@ from .script_util import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 
 @dataclass
 class QuickstartConfig:
-    """Flags of scripts/quickstart.py. The defaults fit a 2-core CPU in about 5 minutes (README)."""
+    """Flags of scripts/quickstart.py. The defaults take under 7 minutes on a 2-core CPU (README, measured)."""
     data_name: str = field(default="SYNTHETIC", metadata={"help": "ISIC, KVASIR, FOLDER or SYNTHETIC"})
     data_dir: str = field(default="data/synthetic", metadata={"help": "data set root (SYNTHETIC: made when absent)"})
     out_dir: str = field(default="runs/quickstart", metadata={"help": "where the model, masks and report go"})
