@@ -188,7 +188,7 @@ def plot(rows: list[BenchRow], data: tuple[str, str], split: str, plot_dir: Path
     split_file = Path(ref.folder) / "eval" / "split.json"
     by_id = {p.id: p for p in datasets.list_pairs(data[0], data[1], split, split_file=split_file)}
     columns = [figures.Column(row_title(r), Path(r.folder)) for r in rows]
-    columns += [figures.Column(f"uncertainty, {row_title(r)}", Path(r.folder), "uncertainty")
+    columns += [figures.Column(f"uncertainty\n{row_title(r)}", Path(r.folder), "uncertainty")
                 for r in ([ref] if rows[-1] is ref else [ref, rows[-1]])]
     captions = {(i, row_title(r)): f"Dice {d:.3f}" for r in rows for i, d in per_image(r)["dice"].items()}
     qual = figures.example_grid([by_id[i] for i in ids], columns, plot_dir / "qual.png", title=title,
