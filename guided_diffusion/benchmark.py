@@ -174,16 +174,18 @@ def row_title(row: BenchRow) -> str:
     return f"{row.sampler} {row.steps}"
 
 
+def speed_point(row: BenchRow) -> figures.SpeedPoint:
+    return figures.SpeedPoint(row.sampler, row.steps, row.seconds_per_image, row.dice)
+
+
 def plot(rows: list[BenchRow], data: tuple[str, str], split: str, plot_dir: Path, n_images: int = 4,
          title: str = "") -> list[Path]:
     """quant.png: Dice against seconds per image for every row, the reference marked; qual.png: the first
     `n_images` images with their ground truth, every row's fused mask (captioned with that image's Dice) and the
     uncertainty maps of the reference and of the last row."""
     ref = reference_row(rows)
-    quant = figures.speed_quality_plot([figures.SpeedPoint(r.sampler, r.steps, r.seconds_per_image, r.dice)
-                                        for r in rows], plot_dir / "quant.png", title=title,
-                                       reference=figures.SpeedPoint(ref.sampler, ref.steps, ref.seconds_per_image,
-                                                                    ref.dice))
+    quant = figures.speed_quality_plot([speed_point(r) for r in rows], plot_dir / "quant.png", title=title,
+                                       reference=speed_point(ref))
     ids = list(per_image(ref).index)[:n_images]
     split_file = Path(ref.folder) / "eval" / "split.json"
     by_id = {p.id: p for p in datasets.list_pairs(data[0], data[1], split, split_file=split_file)}

@@ -126,11 +126,10 @@ def make_figures(cfg: QuickstartConfig, rows: list[benchmark.BenchRow], ids: lis
             out / f"panel_{row_tag(r)}.png",
             title=f"{r.sampler}, {r.steps} steps, {r.nfe} NFE, {r.num_ensemble} members",
             cell_titles={(p.id, "fused mask"): f"Dice {dice.loc[p.id]:.3f}" for p in pairs}))
-    points = [figures.SpeedPoint(r.sampler, r.steps, r.seconds_per_image, r.dice) for r in head or rows]
-    ref = next((p for p in points if (p.sampler, p.steps) == ("ddpm", cfg.diffusion_steps)), None)
+    ref = benchmark.speed_point(benchmark.reference_row(head)) if head else None
     where = f"the same {len(ids)} test images" if head else "all sampled test images"
     made.insert(0, figures.speed_quality_plot(
-        points, out / "quant.png", reference=ref,
+        [benchmark.speed_point(r) for r in head or rows], out / "quant.png", reference=ref,
         title=f"{cfg.data_name}: Dice on {where}, {cfg.num_ensemble} members"))
     return made
 
