@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import datasets
@@ -30,8 +29,9 @@ from .checkpoint import CheckpointError, capture_rng_state, find_latest, load_ch
     save_checkpoint
 from .gaussian_diffusion import create_diffusion, dice_bce_loss, get_named_beta_schedule
 from .script_util import DataConfig, add_dataclass_args
-from .train_util import EMA, SPLIT_FILE, RunLogger, SeededItems, StepSampler, TrainingDiverged, _mix, amp_dtype, \
-    restore_training_state
+from .dist_util import DistInfo
+from .train_util import EMA, SPLIT_FILE, RunLogger, TrainingDiverged, _mix, amp_dtype, restore_training_state, \
+    train_loader
 
 
 @dataclass
@@ -56,6 +56,7 @@ class AuxTrainConfig:
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA where supported, else off), none, bf16, "
                                                        "fp16"})
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes"})
+    preload: str = field(default="auto", metadata={"help": datasets.PRELOAD_HELP})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     augment: bool = field(default=True, metadata={"help": "joint flips/rotation/crop/colour augmentation"})
 
@@ -174,6 +175,7 @@ def plan_run(kind: str, flags: dict) -> AuxRun:
         raise ValueError("--max_steps and --batch_size must be >= 1")
     if not 0.0 <= train.ema_rate < 1.0:
         raise ValueError(f"--ema_rate must be in [0, 1), got {train.ema_rate}")
+    datasets.preload_choice(train.preload)
     resume, ref = _find_resume(kind, train), _reference(train.split_from)
     if ref is not None:
         _check_given(flags, _values_of(ref), f"the --split_from run {ref['path']}", _MUST_MATCH_REFERENCE)
@@ -220,12 +222,7 @@ class AuxTrainer:
         pairs = datasets.list_pairs(run.data.data_name, run.data.data_dir, "train",
                                     split_file=self.out_dir / SPLIT_FILE)
         self.num_train = len(pairs)
-        dataset = datasets.SegmentationDataset(pairs, run.net.image_size, augment=self.tc.augment)
-        self.loader = DataLoader(
-            SeededItems(dataset), batch_size=self.tc.batch_size,
-            sampler=StepSampler(len(pairs), self.tc.batch_size, self.tc.seed, self.step),
-            num_workers=self.tc.num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=self.tc.num_workers > 0, generator=torch.Generator())
+        self.loader = train_loader(pairs, run.net.image_size, self.tc, self.step, DistInfo(0, 1, 0, device))
 
     def _resolve_split(self) -> dict:
         """The resumed run's split, else the --split_from run's, else <out_dir>/split.json, else a new one;

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,12 +391,19 @@ def list_pairs(data_name, data_dir, split: str = "test", split_file=None, seed: 
 # ------------------------------------------------------------------------------------------- loading
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode an image file, turning any failure into a DataError naming it."""
+def _open(path: Path, what: str, draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Open and fully decode an image file, with its full (width, height); any failure is a DataError naming it.
+
+    ``draft`` (width, height) lets a JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling), never below that size.
+    """
     try:
         with Image.open(path) as img:
+            full = img.size
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
             img.load()
-            return img.copy() if img.mode != "P" else img.convert("RGBA" if "transparency" in img.info else "RGB")
+            return (img.copy() if img.mode != "P" else
+                    img.convert("RGBA" if "transparency" in img.info else "RGB")), full
     except Exception as exc:  # PIL raises many types for corrupt or truncated files
         raise DataError(f"cannot read {what} {path}: {_one_line(exc)}") from exc
 
@@ -407,12 +415,15 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(arr / scale), 0, 255).astype(np.uint8))
 
 
-def load_image(path) -> Image.Image:
-    """The image at ``path`` as RGB; grayscale, palette, RGBA and 16-bit files are accepted."""
-    img = _open(Path(path), "image")
+def _rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith(("I", "F")):
         img = _high_depth_to_l(img)
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """The image at ``path`` as RGB; grayscale, palette, RGBA and 16-bit files are accepted."""
+    return _rgb(_open(Path(path), "image")[0])
 
 
 def load_mask(path, threshold: int = 128) -> np.ndarray:
@@ -421,7 +432,7 @@ def load_mask(path, threshold: int = 128) -> np.ndarray:
     A lossless mask whose values are exactly {0, 1} is a label mask and reads as 1 = foreground.
     """
     path = Path(path)
-    img = _open(path, "mask")
+    img = _open(path, "mask")[0]
     gray = _high_depth_to_l(img) if img.mode.startswith(("I", "F")) else img.convert("L")
     values = np.asarray(gray)
     if path.suffix.lower() in LOSSLESS_EXTS and values.max(initial=0) == 1:
@@ -453,11 +464,29 @@ def _augmentation(size: int, aspect: float) -> v2.Compose:
     ])
 
 
+PRELOAD_SCALE = 2  # preloaded copies keep a short side of at least PRELOAD_SCALE * image_size
+PRELOAD_AUTO_GIB = 4.0  # --preload auto: preload when the copies take at most this much RAM per process
+PRELOAD_HELP = (f"decode the training images once, into RAM copies with a short side of {PRELOAD_SCALE} x image_size, "
+                f"so the loader workers only augment: True, False, or auto (when the copies take <= "
+                f"{PRELOAD_AUTO_GIB:g} GiB per process)")
+
+
+def preload_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """(h, w) of a preloaded copy: shrunk so the short side is PRELOAD_SCALE * image_size, never enlarged.
+
+    Training crops keep at least 3/4 of the area before the final resize to image_size, so every crop of the
+    copy still has more pixels than the output in each direction: the copy loses nothing the model sees.
+    """
+    scale = min(1.0, PRELOAD_SCALE * image_size / min(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 class SegmentationDataset(Dataset):
     """Image/mask pairs as tensors at ``image_size`` x ``image_size``, optionally jointly augmented.
 
     Images are resized with antialiased bilinear interpolation, masks with nearest neighbour (never
     interpolated then thresholded, which dilates thin structures); ``orig_size`` lets predictions go back.
+    ``preload()`` decodes every pair once into reduced in-memory copies, so loader workers only augment.
     """
 
     def __init__(self, pairs: list[Pair], image_size: int, augment: bool = False):
@@ -466,6 +495,7 @@ class SegmentationDataset(Dataset):
         self.pairs = list(pairs)
         self.image_size = int(image_size)
         self.augment = augment
+        self._cache: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -479,10 +509,59 @@ class SegmentationDataset(Dataset):
                             f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
         return image, mask
 
-    def __getitem__(self, index: int) -> dict:
-        image, mask = self.load(index)
+    def _decode_reduced(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """One pair as a preloaded copy: uint8 image (3,h,w), uint8 mask (1,h,w), original (H, W)."""
+        pair = self.pairs[index]
+        mask = load_mask(pair.mask)
         height, width = mask.shape
-        img_t, mask_t = _to_tensors(image, mask)
+        h, w = preload_shape(height, width, self.image_size)
+        image, (full_w, full_h) = _open(pair.image, "image", draft=(w, h))
+        if (full_h, full_w) != mask.shape:
+            raise DataError(f"image {pair.image} is {full_w}x{full_h} but mask {pair.mask} is {width}x{height}")
+        img_t, mask_t = _to_tensors(_rgb(image), mask)
+        if (h, w) != (height, width) or img_t.shape[-2:] != (h, w):
+            img_t = TF.resize(img_t, [h, w], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+            mask_t = TF.resize(mask_t, [h, w], interpolation=v2.InterpolationMode.NEAREST_EXACT)
+        return img_t.as_subclass(torch.Tensor).clone(), mask_t.as_subclass(torch.Tensor).clone(), (height, width)
+
+    def preload_bytes(self) -> int:
+        """RAM the preloaded copies would take, from the files' headers (nothing is decoded)."""
+        total = 0
+        for pair in self.pairs:
+            try:
+                with Image.open(pair.mask) as img:
+                    width, height = img.size
+            except Exception as exc:
+                raise DataError(f"cannot read mask {pair.mask}: {_one_line(exc)}") from exc
+            h, w = preload_shape(height, width, self.image_size)
+            total += 4 * h * w  # 3 image channels + 1 mask channel, uint8
+        return total
+
+    def preload(self, threads: int | None = None, progress: bool = True) -> int:
+        """Decode every pair once (threads in parallel: decoding releases the GIL); returns the bytes held.
+
+        Loader workers forked afterwards share the copies; bad files are reported here, before training.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        threads = max(1, threads or available_cpus())
+        with ThreadPoolExecutor(threads) as pool:
+            jobs = pool.map(self._decode_reduced, range(len(self.pairs)))
+            cache = list(tqdm(jobs, total=len(self.pairs), desc="preload", unit="img", disable=not progress,
+                              dynamic_ncols=True))
+        self._cache = cache
+        return sum(img.numel() + mask.numel() for img, mask, _ in cache)
+
+    def __getitem__(self, index: int) -> dict:
+        if self._cache is not None:
+            img, mask, (height, width) = self._cache[index]
+            img_t, mask_t = tv_tensors.Image(img), tv_tensors.Mask(mask)
+        else:
+            image, mask = self.load(index)
+            height, width = mask.shape
+            img_t, mask_t = _to_tensors(image, mask)
         size = [self.image_size, self.image_size]
         if self.augment:
             img_t, mask_t = _augmentation(size, width / height)(img_t, mask_t)
@@ -495,6 +574,44 @@ class SegmentationDataset(Dataset):
             "id": self.pairs[index].id,
             "orig_size": torch.tensor([height, width], dtype=torch.long),
         }
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use, shared among the processes torchrun starts on this node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def preload_choice(mode) -> str:
+    """--preload as auto, true or false; anything else is a one-line error naming the flag."""
+    choice = str(mode).strip().lower()
+    if choice not in ("auto", "true", "false"):
+        raise ValueError(f"--preload must be auto, True or False, got {mode!r}")
+    return choice
+
+
+def _size_text(nbytes: float) -> str:
+    return f"{nbytes / 2 ** 30:.1f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.0f} MiB"
+
+
+def maybe_preload(dataset: SegmentationDataset, mode, log=print, progress: bool = True) -> bool:
+    """--preload auto|True|False for a training set: preload it (auto: when the copies fit PRELOAD_AUTO_GIB)."""
+    choice = preload_choice(mode)
+    if choice == "false":
+        return False
+    need = dataset.preload_bytes()
+    if choice == "auto" and need > PRELOAD_AUTO_GIB * 2 ** 30:
+        log(f"not preloading the {len(dataset)} training images: their copies would take {_size_text(need)} "
+            f"(> {PRELOAD_AUTO_GIB:g} GiB per process); --preload True forces it")
+        return False
+    start = time.perf_counter()
+    held = dataset.preload(progress=progress)
+    log(f"preloaded {len(dataset)} training pairs in {time.perf_counter() - start:.1f} s: {_size_text(held)} in RAM "
+        f"(short side at most {PRELOAD_SCALE * dataset.image_size} px)")
+    return True
 
 
 # ----------------------------------------------------------------------------------------- synthetic

@@ -131,7 +131,6 @@ def expected_calibration_error(prob: np.ndarray, gt: np.ndarray, n_bins: int = E
     if prob.min() < 0 or prob.max() > 1:
         raise ValueError("probabilities must lie in [0, 1]")
     idx = np.minimum((prob * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
     conf = np.bincount(idx, weights=prob, minlength=n_bins)
     freq = np.bincount(idx, weights=gt.astype(np.float64), minlength=n_bins)
     return float(np.abs(freq - conf).sum() / prob.size)

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .datasets import PRELOAD_HELP
+
 
 def str2bool(value: str | bool) -> bool:
     """Parse the seed's boolean spelling (True/False; also true/false/1/0/yes/no)."""
@@ -77,6 +79,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the network (slow first steps, faster after)"})
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory layout (faster convolutions on tensor cores)"})
     num_workers: int = field(default=2, metadata={"help": "data-loading worker processes"})
+    preload: str = field(default="auto", metadata={"help": PRELOAD_HELP})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     augment: bool = field(default=True, metadata={"help": "joint flips/rotation/crop/colour augmentation"})
 

@@ -5,7 +5,8 @@ Every variant builds a fresh Trainer (same seed, same initial weights) and times
 `memory` reuses one batch already on the device (the model's own speed: no loading, no copy), `loader` pulls
 batches from the training DataLoader with --num_workers workers and pinned memory on CUDA (the run's real
 speed); the fraction of the loader's step time spent blocked on the next batch is the time the device
-waited for data (0 means the workers keep up).
+waited for data (0 means the workers keep up). `loader_only` times the DataLoader with no model, with
+--preload False and True: the images/s the workers can supply, to compare with the model's images/s.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ DEFAULT_VARIANTS = {
     "cpu": "fp32,channels_last,bf16",
     "cuda": "fp32,tf32,cudnn_benchmark,bf16,channels_last,compile,tf32+cudnn_benchmark+bf16+channels_last+compile",
 }
-DATA_MODES = ("memory", "loader")
+DATA_MODES = ("memory", "loader", "loader_only")
 
 
 @dataclass
@@ -45,7 +46,7 @@ class BenchResult:
     data_wait: float = float("nan")        # fraction of step time blocked on the next batch
     warmup_s: float = float("nan")         # the warm-up steps, compilation included
     loss: float = float("nan")             # mean loss of the timed steps (a sanity check, not a metric)
-    speedup: float = float("nan")          # images/s over the fp32 variant's in the same data mode
+    speedup: float = float("nan")          # images/s over the fp32 (preload False) row's in the same data mode
     note: str = ""
 
 
@@ -90,7 +91,7 @@ def parse_data_modes(spec: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in spec.split(",") if m.strip())
     bad = [m for m in modes if m not in DATA_MODES]
     if bad or not modes:
-        raise ValueError(f"--data must be memory, loader or memory,loader, got {spec!r}")
+        raise ValueError(f"--data must be a comma-separated list of {', '.join(DATA_MODES)}, got {spec!r}")
     return modes
 
 
@@ -137,25 +138,56 @@ def _unavailable(opts: frozenset[str], device: torch.device) -> str:
     return ""
 
 
-def _trainer(cfg: BenchConfig, opts: frozenset[str], device: torch.device, out_dir: str):
+def _trainer(cfg: BenchConfig, opts: frozenset[str], device: torch.device, out_dir: str, data_mode: str):
     from .train_util import Trainer
 
     amp = "bf16" if "bf16" in opts else "fp16" if "fp16" in opts else "none"
-    tc = replace(cfg.train, out_dir=out_dir, resume="none", max_steps=10 ** 9, amp=amp,
+    preload = cfg.train.preload if data_mode == "loader" else "False"  # memory mode reads one batch
+    tc = replace(cfg.train, out_dir=out_dir, resume="none", max_steps=10 ** 9, amp=amp, preload=preload,
                  channels_last="channels_last" in opts, compile="compile" in opts, device=str(device))
     if device.type == "cuda":
         set_cuda_speedups(tf32="tf32" in opts, cudnn_benchmark="cudnn_benchmark" in opts)
     return Trainer(cfg.model, cfg.diffusion, cfg.data, tc, DistInfo(0, 1, 0, device))
 
 
+def measure_loader(cfg: BenchConfig, preload: bool, device: torch.device) -> BenchResult:
+    """Images/s the training DataLoader supplies alone (no model): worker start and preloading are warm-up."""
+    from . import datasets
+    from .train_util import train_loader
+
+    res = BenchResult(f"preload {preload}", "loader_only")
+    datasets.ensure_dataset(cfg.data.data_name, cfg.data.data_dir)
+    pairs = datasets.list_pairs(cfg.data.data_name, cfg.data.data_dir, "train")
+    tc = replace(cfg.train, preload=str(preload))
+    _reset_peak(device)
+    start = time.perf_counter()
+    loader = train_loader(pairs, cfg.model.image_size, tc, 0, DistInfo(0, 1, 0, device))
+    batches = iter(loader)
+    for _ in range(cfg.warmup):
+        next(batches)
+    res.warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        next(batches)
+    total = time.perf_counter() - start
+    res.peak_mem_mib = _peak_mib(torch.device("cpu"))
+    res.images_per_s = cfg.steps * cfg.train.batch_size / max(total, 1e-12)
+    res.ms_per_step = 1000 * total / cfg.steps
+    del batches, loader
+    gc.collect()
+    return res
+
+
 def measure(cfg: BenchConfig, opts: frozenset[str], data_mode: str, device: torch.device) -> BenchResult:
     """Warm up, then time cfg.steps training steps of one variant in one data mode."""
+    if data_mode == "loader_only":
+        raise ValueError("measure_loader() times the loader alone")
     res = BenchResult(variant_name(opts), data_mode)
     res.note = _unavailable(opts, device)
     if res.note:
         return res
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
-        trainer = _trainer(cfg, opts, device, scratch)
+        trainer = _trainer(cfg, opts, device, scratch, data_mode)
         trainer.model.train()
         batches = iter(trainer.loader)
         if data_mode == "memory":
@@ -187,7 +219,7 @@ def measure(cfg: BenchConfig, opts: frozenset[str], data_mode: str, device: torc
         res.ms_per_step = 1000 * total / cfg.steps
         res.data_wait = wait / max(total, 1e-12) if data_mode == "loader" else 0.0
         res.loss = sum(losses) / len(losses)
-        del trainer, batches, next_batch
+        trainer = batches = next_batch = None  # free the model and the workers before the next variant
     gc.collect()
     if "compile" in opts:
         torch._dynamo.reset()
@@ -197,15 +229,21 @@ def measure(cfg: BenchConfig, opts: frozenset[str], data_mode: str, device: torc
 
 
 def run(cfg: BenchConfig, device: torch.device, log=print) -> list[BenchResult]:
-    """Every variant in every data mode; speed-ups against fp32 in the same mode."""
+    """Every variant in every data mode; speed-ups against fp32 (loader alone: preload False) in the same mode."""
     if cfg.steps < 1 or cfg.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
     rows = []
+    if "loader_only" in cfg.data_modes:  # the model plays no part: once per --preload setting
+        for preload in (False, True):
+            log(f"== data loader alone, preload {preload}: {cfg.warmup} warm-up + {cfg.steps} timed batches")
+            rows.append(measure_loader(cfg, preload, device))
     for opts in cfg.variants:
         for mode in cfg.data_modes:
+            if mode == "loader_only":
+                continue
             log(f"== {variant_name(opts)}, data {mode}: {cfg.warmup} warm-up + {cfg.steps} timed steps")
             rows.append(measure(cfg, opts, mode, device))
-    base = {r.data: r.images_per_s for r in rows if r.variant == "fp32" and not r.note}
+    base = {r.data: r.images_per_s for r in rows if r.variant in ("fp32", "preload False") and not r.note}
     for r in rows:
         if r.data in base and not r.note:
             r.speedup = r.images_per_s / base[r.data]
@@ -257,5 +295,6 @@ def describe(cfg: BenchConfig, device: torch.device) -> str:
         where = f"CPU, {torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     mem = "peak CUDA memory allocated" if device.type == "cuda" else "peak resident memory of the process"
     return (f"image {m.image_size}, width {m.num_channels}, {m.num_res_blocks} res block(s), attention at "
-            f"{m.attention_resolutions or 'none'}, batch {t.batch_size}, {t.num_workers} loader worker(s); "
+            f"{m.attention_resolutions or 'none'}, batch {t.batch_size}, {t.num_workers} loader worker(s), "
+            f"preload {t.preload}; "
             f"{where}; torch {torch.__version__}; memory column: {mem}")

@@ -18,7 +18,7 @@ import csv
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -101,6 +101,22 @@ class SeededItems(Dataset):
             return self.base[index]
 
 
+def train_loader(pairs: list, image_size: int, tc, start_step: int, dist_info: DistInfo) -> DataLoader:
+    """The infinite, seeded training stream of one process: its StepSampler slice of every global batch,
+    augmented by --num_workers workers from preloaded copies (--preload), pinned for the copy to CUDA.
+
+    ``tc`` is any config with batch_size, seed, num_workers, preload and augment (TrainConfig, AuxTrainConfig).
+    """
+    dataset = datasets.SegmentationDataset(pairs, image_size, augment=tc.augment)
+    datasets.maybe_preload(dataset, tc.preload, log=print if dist_info.is_main else lambda _: None,
+                           progress=dist_info.is_main)
+    sampler = StepSampler(len(pairs), tc.batch_size, tc.seed, start_step, dist_info.rank, dist_info.world_size)
+    return DataLoader(SeededItems(dataset), batch_size=tc.batch_size, sampler=sampler,
+                      num_workers=tc.num_workers, pin_memory=dist_info.device.type == "cuda",
+                      persistent_workers=tc.num_workers > 0, generator=torch.Generator(),
+                      prefetch_factor=4 if tc.num_workers > 0 else None)
+
+
 class EMA:
     """Exponential moving average of the parameters (buffers copied), the weights sampling uses."""
 
@@ -178,6 +194,7 @@ class Trainer:
             raise ValueError("--max_steps and --batch_size must be >= 1")
         if not 0.0 <= train_cfg.ema_rate < 1.0:
             raise ValueError(f"--ema_rate must be in [0, 1), got {train_cfg.ema_rate}")
+        datasets.preload_choice(train_cfg.preload)
 
         resume_ckpt = self._find_resume()
         self._check_same_start(resume_ckpt)
@@ -209,14 +226,7 @@ class Trainer:
         pairs = datasets.list_pairs(data_cfg.data_name, data_cfg.data_dir, "train",
                                     split_file=self.out_dir / SPLIT_FILE)
         self.num_train = len(pairs)
-        dataset = datasets.SegmentationDataset(pairs, model_cfg.image_size, augment=train_cfg.augment)
-        sampler = StepSampler(len(pairs), train_cfg.batch_size, train_cfg.seed, self.step,
-                              dist_info.rank, dist_info.world_size)
-        self.loader = DataLoader(
-            SeededItems(dataset), batch_size=train_cfg.batch_size, sampler=sampler,
-            num_workers=train_cfg.num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=train_cfg.num_workers > 0, generator=torch.Generator(),
-            prefetch_factor=4 if train_cfg.num_workers > 0 else None)
+        self.loader = train_loader(pairs, model_cfg.image_size, train_cfg, self.step, dist_info)
 
     # ----- set-up helpers ---------------------------------------------------------------------------
     def _find_resume(self) -> dict | None:

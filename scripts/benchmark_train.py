@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion import dist_util, train_bench  # noqa: E402
+from guided_diffusion import datasets, dist_util, train_bench  # noqa: E402
 from guided_diffusion.checkpoint import atomic_write_bytes  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
 from guided_diffusion.script_util import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig,  # noqa: E402
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=TrainConfig.batch_size, help="images per step")
     g.add_argument("--lr", type=float, default=TrainConfig.lr)
     g.add_argument("--num_workers", type=int, default=TrainConfig.num_workers, help="data-loading workers")
+    g.add_argument("--preload", default=TrainConfig.preload, help=datasets.PRELOAD_HELP)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     b = p.add_argument_group("benchmark")
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(train_bench.OPTIONS) + f"; default on CPU: {train_bench.DEFAULT_VARIANTS['cpu']}; "
                         f"on CUDA: {train_bench.DEFAULT_VARIANTS['cuda']}")
     b.add_argument("--data", default="memory,loader",
-                   help="memory (one batch kept on the device), loader (the training DataLoader), or both")
+                   help="comma-separated: memory (one batch kept on the device), loader (the training DataLoader), "
+                        "loader_only (the DataLoader with no model, --preload False and True)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     b.add_argument("--steps", type=int, default=10, help="timed steps per variant and data mode")
     b.add_argument("--out_dir", default="runs/benchmark_train", help="where the table goes")
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     device = dist_util.resolve_device(args.device)
-    train = TrainConfig(batch_size=args.batch_size, lr=args.lr, num_workers=args.num_workers, seed=args.seed)
+    train = TrainConfig(batch_size=args.batch_size, lr=args.lr, num_workers=args.num_workers, seed=args.seed,
+                        preload=args.preload)
     cfg = train_bench.BenchConfig(
         model=from_namespace(ModelConfig, args), diffusion=from_namespace(DiffusionConfig, args),
         data=from_namespace(DataConfig, args), train=train, warmup=args.warmup, steps=args.steps,

@@ -563,3 +563,95 @@ def test_real_isic2017():
     _check_real(pairs[::10])
     item = D.SegmentationDataset(pairs[:1], 64, augment=True)[0]
     assert item["orig_size"].tolist() == [256, 256] and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+# ------------------------------------------------------------------------------------------- preload
+
+
+def test_preload_shape_keeps_twice_the_image_size_and_never_enlarges():
+    assert D.preload_shape(2848, 4288, 256) == (512, round(4288 * 512 / 2848))
+    assert D.preload_shape(4288, 2848, 256) == (round(4288 * 512 / 2848), 512)  # portrait: short side is W
+    assert D.preload_shape(767, 1022, 256) == (512, round(1022 * 512 / 767))
+    assert D.preload_shape(300, 400, 256) == (300, 400)  # smaller than 2 x 256 on its short side: as it is
+    assert D.preload_shape(5, 5000, 2) == (4, 4000)
+
+
+def _items(ds, seeds):
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        out.append(ds[s % len(ds)])
+    return out
+
+
+def test_preloaded_items_equal_decoded_ones_when_nothing_is_reduced(tmp_path):
+    root = make_folder(tmp_path, ["a", "b", "c"], ext=".jpg")  # 12x10 images: below 2 x 16 on every side
+    pairs, _ = D.find_pairs("FOLDER", root)
+    for augment in (False, True):
+        plain = D.SegmentationDataset(pairs, 16, augment=augment)
+        pre = D.SegmentationDataset(pairs, 16, augment=augment)
+        held = pre.preload(threads=2, progress=False)
+        assert held == 3 * 4 * 12 * 10
+        kept = [(img.clone(), mask.clone()) for img, mask, _ in pre._cache]
+        for x, y in zip(_items(plain, range(9)), _items(pre, range(9))):
+            assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+            assert x["id"] == y["id"] and torch.equal(x["orig_size"], y["orig_size"])
+        # reading items (augmented too) never writes into the shared copies
+        assert all(torch.equal(a, img) and torch.equal(b, mask) for (a, b), (img, mask, _) in zip(kept, pre._cache))
+
+
+def test_preload_reduces_large_jpegs_and_keeps_what_the_model_sees(tmp_path):
+    height, width = 600, 800
+    yy, xx = np.mgrid[:height, :width]
+    mask = (yy - 280) ** 2 / 200 ** 2 + (xx - 420) ** 2 / 260 ** 2 < 1
+    smooth = np.stack([xx * 255 // width, yy * 255 // height, np.where(mask, 200, 60)], -1).astype(np.uint8)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(smooth).save(tmp_path / "images" / "big.jpg", quality=95)
+    write_mask(tmp_path / "masks" / "big.png", mask)
+    pairs, _ = D.find_pairs("FOLDER", tmp_path)
+    pre = D.SegmentationDataset(pairs, 32)
+    assert pre.preload_bytes() == 4 * 64 * round(800 * 64 / 600)
+    pre.preload(threads=1, progress=False)
+    img, m, orig = pre._cache[0]
+    assert img.shape == (3, 64, 85) and m.shape == (1, 64, 85) and orig == (600, 800)
+    x, y = D.SegmentationDataset(pairs, 32)[0], pre[0]
+    assert y["orig_size"].tolist() == [600, 800]
+    assert (x["image"] - y["image"]).abs().mean() < 0.01  # two antialiased reductions ~ one
+    inter = (x["mask"] * y["mask"]).sum()
+    assert 2 * inter / (x["mask"].sum() + y["mask"].sum()) > 0.97
+
+
+def test_preload_reports_bad_files_before_training(tmp_path):
+    make_folder(tmp_path, ["a", "b"])
+    write_mask(tmp_path / "masks" / "b.png", np.zeros((4, 4), dtype=bool))  # size differs from its image
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8)
+    with pytest.raises(DataError, match=r"images[/\\]b\.png is 12x10 but mask .*b\.png is 4x4"):
+        ds.preload(progress=False)
+    (tmp_path / "images" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*a\.png"):
+        D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0][:1], 8).preload(progress=False)
+
+
+def test_maybe_preload_modes(tmp_path, monkeypatch):
+    make_folder(tmp_path, ["a", "b"])
+    pairs, _ = D.find_pairs("FOLDER", tmp_path)
+    said = []
+    ds = D.SegmentationDataset(pairs, 8)
+    assert D.maybe_preload(ds, "auto", log=said.append, progress=False) and ds._cache is not None
+    assert "preloaded 2 training pairs" in said[-1]
+    monkeypatch.setattr(D, "PRELOAD_AUTO_GIB", 1e-9)
+    ds = D.SegmentationDataset(pairs, 8)
+    assert not D.maybe_preload(ds, "auto", log=said.append, progress=False) and ds._cache is None
+    assert "not preloading" in said[-1] and "--preload True" in said[-1]
+    assert D.maybe_preload(ds, "True", log=said.append, progress=False) and ds._cache is not None
+    ds = D.SegmentationDataset(pairs, 8)
+    assert not D.maybe_preload(ds, "false", log=said.append, progress=False) and ds._cache is None
+    with pytest.raises(ValueError, match="--preload must be auto, True or False, got 'yes please'"):
+        D.maybe_preload(ds, "yes please")
+
+
+def test_available_cpus_is_shared_by_the_local_processes(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = D.available_cpus()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert D.available_cpus() == max(1, alone // 2)

@@ -176,9 +176,16 @@ def test_benchmark_train_script_on_cpu(runs, tmp_path):
     benchmark_train.main(["--data_dir", str(runs["syn"]), "--image_size", "16", "--num_channels", "8",
                           "--num_res_blocks", "1", "--attention_resolutions", "8", "--diffusion_steps", "20",
                           "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--warmup", "1",
-                          "--steps", "2", "--variants", "fp32,channels_last,bf16,tf32", "--out_dir", str(tmp_path)])
+                          "--steps", "2", "--variants", "fp32,channels_last,bf16,tf32", "--out_dir", str(tmp_path),
+                          "--data", "memory,loader,loader_only"])
     with open(tmp_path / "benchmark_train.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
+    alone, rows = rows[:2], rows[2:]
+    assert [(r["variant"], r["data"]) for r in alone] == [("preload False", "loader_only"),
+                                                           ("preload True", "loader_only")]
+    assert all(float(r["images_per_s"]) > 0 and r["data_wait"] == "" for r in alone)
+    assert float(alone[0]["speedup"]) == 1.0
+    assert float(alone[1]["speedup"]) == pytest.approx(float(alone[1]["images_per_s"]) / float(alone[0]["images_per_s"]))
     assert [(r["variant"], r["data"]) for r in rows] == [
         (v, d) for v in ("fp32", "channels_last", "bf16", "tf32") for d in ("memory", "loader")]
     for r in rows[:6]:
@@ -196,6 +203,9 @@ def test_variant_parsing():
         train_bench.parse_variants("fp32,fast")
     with pytest.raises(ValueError, match="both bf16 and fp16"):
         train_bench.parse_variants("bf16+fp16")
+    assert train_bench.parse_data_modes("loader_only, memory") == ("loader_only", "memory")
+    with pytest.raises(ValueError, match="--data must be a comma-separated list of memory, loader, loader_only"):
+        train_bench.parse_data_modes("disk")
 
 
 def test_channels_last_trains_like_the_default_layout(runs, tmp_path):

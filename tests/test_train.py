@@ -93,6 +93,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, syn_dir, monkey
     assert torch.isfinite(torch.cat([p.flatten() for p in trainer.model.parameters()])).all()
 
 
+def test_preloaded_training_equals_decoding_every_step(tmp_path):
+    """--preload True with forked workers trains bit-identically to decoding each file in the main process
+    (images below 2 x image_size are kept as they are, so the copies hold exactly the decoded pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        for sub in ("images", "masks"):
+            (tmp_path / "data" / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "data/images" / f"{k}.jpg")
+        mask = np.zeros((20, 24), dtype=np.uint8)
+        mask[3 + k:12, 4:10 + k] = 255
+        Image.fromarray(mask).save(tmp_path / "data/masks" / f"{k}.png")
+    runs = []
+    for name, preload, workers in (("decode", "False", 0), ("preload", "True", 2)):
+        mc, dc, data, tc = tiny(tmp_path / name, tmp_path / "data", max_steps=3, preload=preload,
+                                num_workers=workers)
+        data = DataConfig(data_name="FOLDER", data_dir=str(tmp_path / "data"))
+        runs.append(train_util.Trainer(mc, dc, data, tc, CPU))
+        assert (runs[-1].loader.dataset.base._cache is not None) == (preload == "True")
+        runs[-1].run()
+    assert states_equal(runs[0].model.state_dict(), runs[1].model.state_dict())
+
+
 def test_step_sampler_shards_the_global_batch():
     one = train_util.StepSampler(10, 6, seed=3)
     it = iter(one)
@@ -145,6 +170,10 @@ def test_cli_trains_and_reports_bad_input(tmp_path, syn_dir):
     assert r.returncode == 2 and "--class_cond" in r.stderr
     r = run_script("--learn_sigma", "maybe")
     assert r.returncode == 2 and "learn_sigma" in r.stderr
+    r = run_script("--data_name", "SYNTHETIC", "--data_dir", str(syn_dir), "--out_dir", str(tmp_path / "z"),
+                   "--preload", "maybe", *small)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --preload must be auto, True or False, got 'maybe'"
+    assert not (tmp_path / "z").exists()  # refused before anything was written
 
 
 def test_ff_parser_filters_are_not_decayed():
