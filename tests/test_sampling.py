@@ -217,6 +217,10 @@ def test_compile_wraps_the_denoising_forward(trained, monkeypatch):
         calls.append(fn)
         return real(fn, backend="eager")
 
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     monkeypatch.setattr(torch, "compile", recording)
     ckpt = next((trained / "run").glob("model_*.pt"))
     eager = predict.load_model(str(ckpt), torch.device("cpu"))
@@ -227,6 +231,8 @@ def test_compile_wraps_the_denoising_forward(trained, monkeypatch):
     a = sample_ensemble(eager.model, eager.diffusion, images, 2, spec, seeds=[1, 2]).members
     b = sample_ensemble(compiled.model, compiled.diffusion, images, 2, spec, seeds=[1, 2]).members
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the denoising step is whole graphs
+    torch._dynamo.reset()
 
 
 def test_sample_script_bad_inputs_are_one_line_errors(trained, tmp_path):
