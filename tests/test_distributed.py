@@ -86,6 +86,18 @@ def test_two_processes_train_like_one_with_the_global_batch(runs):
     assert not list(runs["ddp"].glob(".*tmp*"))
 
 
+def test_compiled_ddp_trains_like_eager_ddp(runs, tmp_path):
+    """--compile under torchrun: torch.compile of the DDP wrapper (DDP's optimizer splits the graph at its
+    gradient buckets) gives the eager DDP run's weights; compiled with dynamo's eager backend (see the helper)."""
+    helper = str(ROOT / "tests" / "helpers" / "train_compiled_eager.py")
+    r = torchrun(helper, *train_args(runs["syn"], tmp_path, 2, 4), "--compile", "True")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b = load(runs["ddp"]), load(tmp_path)
+    assert b["step"] == 4 and b["config"]["train"]["compile"] is True
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_resume_under_torchrun_is_exact(runs, tmp_path):
     script = str(SCRIPTS / "segmentation_train.py")
     r = torchrun(script, *train_args(runs["syn"], tmp_path, 2, 2))
