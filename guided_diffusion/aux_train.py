@@ -31,7 +31,7 @@ from .gaussian_diffusion import create_diffusion, dice_bce_loss, get_named_beta_
 from .script_util import DataConfig, add_dataclass_args
 from .dist_util import DistInfo
 from .train_util import EMA, SPLIT_FILE, RunLogger, TrainingDiverged, _mix, amp_dtype, restore_training_state, \
-    train_loader
+    step_noise, train_loader
 
 
 @dataclass
@@ -264,9 +264,8 @@ class AuxTrainer:
         """The network's mask logits for this step's batch (the denoiser's on a freshly noised mask)."""
         if self.diffusion is None:
             return self.net(image)
-        g = torch.Generator().manual_seed(_mix(self.tc.seed, 11, self.step))  # step-deterministic: exact resume
-        t = torch.randint(0, self.run_cfg.denoiser.T, (mask.shape[0],), generator=g).to(self.device)
-        noise = torch.randn(mask.shape, generator=g).to(self.device)
+        t, noise = step_noise(self.tc.seed, self.step, mask.shape[0], tuple(mask.shape[1:]),  # exact resume
+                              self.run_cfg.denoiser.T, self.device)
         x_t = self.diffusion.q_sample(mask * 2 - 1, t, noise)  # DDPM eq. 4; index t is level t + 1
         return self.net(x_t, t.float(), image)
 

@@ -117,6 +117,24 @@ def train_loader(pairs: list, image_size: int, tc, start_step: int, dist_info: D
                       prefetch_factor=4 if tc.num_workers > 0 else None)
 
 
+def step_noise(seed: int, step: int, batch_size: int, shape: tuple[int, ...], num_timesteps: int,
+               device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps and noise of one process's slice of the global batch at ``step``.
+
+    Sample i of the slice sits at global position (step * world_size + rank) * batch_size + i, as in StepSampler;
+    its noise is drawn on ``device`` by a generator seeded by that position, so N processes draw what one process
+    with the global batch draws, and each draws only its own slice (no host-side noise for the whole global batch).
+    """
+    first = (step * world_size + rank) * batch_size
+    g = torch.Generator().manual_seed(_mix(seed, 11, step))
+    t = torch.randint(0, num_timesteps, (batch_size * world_size,), generator=g)[rank * batch_size:][:batch_size]
+    noise = torch.empty((batch_size, *shape), device=device)
+    gen = torch.Generator(device=device)
+    for i in range(batch_size):
+        noise[i].normal_(generator=gen.manual_seed(_mix(seed, 12, first + i)))
+    return t.to(device), noise
+
+
 class EMA:
     """Exponential moving average of the parameters (buffers copied), the weights sampling uses."""
 
@@ -305,13 +323,8 @@ class Trainer:
 
     # ----- one step -----------------------------------------------------------------------------------
     def _noise_and_t(self, batch_size: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """t and eps for this rank's slice of the global batch, drawn from a generator seeded by the step."""
-        world, rank = self.di.world_size, self.di.rank
-        g = torch.Generator().manual_seed(_mix(self.tc.seed, 11, self.step))
-        t = torch.randint(0, self.diffusion.num_timesteps, (batch_size * world,), generator=g)
-        noise = torch.randn((batch_size * world, *shape), generator=g)
-        sl = slice(rank * batch_size, (rank + 1) * batch_size)
-        return t[sl].to(self.device), noise[sl].to(self.device)
+        return step_noise(self.tc.seed, self.step, batch_size, shape, self.diffusion.num_timesteps, self.device,
+                          self.di.rank, self.di.world_size)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         image = batch["image"].to(self.device, non_blocking=True)

@@ -209,3 +209,25 @@ def test_ff_parser_filters_are_not_decayed():
     ff = {id(p) for m in model.ff_parsers for p in m.parameters()}
     assert ff and {id(p) for p in groups[1]["params"]} == ff
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_step_noise_slices_are_the_global_batch_and_drawn_per_sample():
+    """Rank r of N draws exactly rows r*b..(r+1)*b-1 of what one process with the global batch draws, and only
+    those; noise is standard normal, t uniform over the levels, and both change with the step."""
+    cpu = torch.device("cpu")
+    t_all, n_all = train_util.step_noise(3, 5, 8, (1, 16, 16), 100, cpu)
+    for world in (2, 4):
+        b = 8 // world
+        parts = [train_util.step_noise(3, 5, b, (1, 16, 16), 100, cpu, rank, world) for rank in range(world)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), t_all)
+        assert torch.equal(torch.cat([p[1] for p in parts]), n_all)
+    t_next, n_next = train_util.step_noise(3, 6, 8, (1, 16, 16), 100, cpu)
+    assert not torch.equal(n_next, n_all)
+    # samples are independent N(0, 1): statistics of many draws
+    big = torch.cat([train_util.step_noise(0, s, 16, (1, 32, 32), 1000, cpu)[1] for s in range(8)])
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+    rows = big.flatten(1)
+    corr = torch.corrcoef(rows[:32])
+    assert (corr - torch.eye(32)).abs().max() < 0.2  # 1/sqrt(1024) = 0.03 per pair; shared noise would be 1
+    ts = torch.cat([train_util.step_noise(0, s, 16, (1, 2, 2), 10, cpu)[0] for s in range(200)])
+    assert ts.min() == 0 and ts.max() == 9 and (torch.bincount(ts, minlength=10) > 240).all()
