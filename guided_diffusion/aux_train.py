@@ -209,7 +209,8 @@ class AuxTrainer:
         torch.manual_seed(self.tc.seed)
         self.net = build_network(run.kind, run.net).to(device)
         self.ema = EMA(self.net, self.tc.ema_rate)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay,
+                                     fused=device.type == "cuda" or None)
         self.amp = amp_dtype(self.tc.amp, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.diffusion = None

@@ -145,11 +145,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """ema <- ema + (1 - rate) (w - ema) for every float tensor, as one multi-tensor (foreach) operation."""
+        avg, new = [], []
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.state[k].mul_(self.rate).add_(v.detach().float(), alpha=1 - self.rate)
+                avg.append(self.state[k])
+                new.append(v.float())
             else:
                 self.state[k].copy_(v)
+        if avg:
+            torch._foreach_lerp_(avg, new, 1.0 - self.rate)
 
 
 def restore_training_state(ckpt: dict, model: torch.nn.Module, ema: "EMA", opt: torch.optim.Optimizer,
@@ -226,7 +231,8 @@ class Trainer:
         self.memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         self.ema = EMA(self.model, train_cfg.ema_rate)
-        self.opt = torch.optim.AdamW(param_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr)
+        self.opt = torch.optim.AdamW(param_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr,
+                                     fused=self.device.type == "cuda" or None)  # one kernel for all parameters
         self.amp = amp_dtype(train_cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.step = 0

@@ -231,3 +231,22 @@ def test_step_noise_slices_are_the_global_batch_and_drawn_per_sample():
     assert (corr - torch.eye(32)).abs().max() < 0.2  # 1/sqrt(1024) = 0.03 per pair; shared noise would be 1
     ts = torch.cat([train_util.step_noise(0, s, 16, (1, 2, 2), 10, cpu)[0] for s in range(200)])
     assert ts.min() == 0 and ts.max() == 9 and (torch.bincount(ts, minlength=10) > 240).all()
+
+
+def test_ema_is_the_closed_form_moving_average():
+    """After updates with weights w_1..w_n from ema_0 = w_0: ema_n = r^n w_0 + (1 - r) sum_k r^(n-k) w_k."""
+    net = torch.nn.Linear(3, 2)
+    net.register_buffer("count", torch.tensor(0))
+    rate = 0.8
+    ema = train_util.EMA(net, rate)
+    history = [net.weight.detach().clone()]
+    for k in range(1, 6):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+            net.count += 1
+        history.append(net.weight.detach().clone())
+        ema.update(net)
+    n = len(history) - 1
+    expect = rate ** n * history[0] + sum((1 - rate) * rate ** (n - k) * history[k] for k in range(1, n + 1))
+    torch.testing.assert_close(ema.state["weight"], expect, atol=1e-6, rtol=1e-6)
+    assert ema.state["count"].item() == 5  # integer buffers are copied, not averaged
