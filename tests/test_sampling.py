@@ -206,22 +206,10 @@ def test_channels_last_sampling_with_warmup_gives_the_same_masks(trained):
             assert np.abs(eager[name] - fast[name]).max() <= 1, (sub, name)
 
 
-def test_compile_wraps_the_denoising_forward(trained, monkeypatch):
+def test_compile_wraps_the_denoising_forward(trained, eager_compile):
     """--compile hands the network's forward to torch.compile and the compiled model samples what the eager one
-    does. Inductor's code generation takes minutes on a CI CPU, so the test compiles with dynamo's 'eager'
-    backend: the same graph capture of our forward, without the C++ build."""
-    calls = []
-    real = torch.compile
-
-    def recording(fn, **kw):
-        calls.append(fn)
-        return real(fn, backend="eager")
-
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    monkeypatch.setattr(torch, "compile", recording)
+    does, with no graph breaks in the denoising step."""
+    calls, counters = eager_compile
     ckpt = next((trained / "run").glob("model_*.pt"))
     eager = predict.load_model(str(ckpt), torch.device("cpu"))
     compiled = predict.load_model(str(ckpt), torch.device("cpu"), compile=True, channels_last=True)
@@ -231,8 +219,7 @@ def test_compile_wraps_the_denoising_forward(trained, monkeypatch):
     a = sample_ensemble(eager.model, eager.diffusion, images, 2, spec, seeds=[1, 2]).members
     b = sample_ensemble(compiled.model, compiled.diffusion, images, 2, spec, seeds=[1, 2]).members
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-    assert not counters["graph_break"], dict(counters["graph_break"])  # the denoising step is whole graphs
-    torch._dynamo.reset()
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_sample_script_bad_inputs_are_one_line_errors(trained, tmp_path):

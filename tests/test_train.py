@@ -118,26 +118,14 @@ def test_preloaded_training_equals_decoding_every_step(tmp_path):
     assert states_equal(runs[0].model.state_dict(), runs[1].model.state_dict())
 
 
-def test_compile_traces_the_training_step_whole_and_trains_the_same(tmp_path, syn_dir, monkeypatch):
+def test_compile_traces_the_training_step_whole_and_trains_the_same(tmp_path, syn_dir, eager_compile):
     """--compile hands the (DDP-)wrapped network to torch.compile; dynamo must capture the forward as one graph
-    with no graph breaks (a break splits the kernels the GPU would fuse). Inductor's code generation takes minutes
-    on a CI CPU, so this compiles with dynamo's 'eager' backend: same tracing, the traced graph run op by op."""
-    from torch._dynamo.utils import counters
-
-    real, asked = torch.compile, []
-
-    def recording(fn, **kw):
-        asked.append(fn)
-        return real(fn, backend="eager")
-
-    torch._dynamo.reset()
-    counters.clear()
-    monkeypatch.setattr(torch, "compile", recording)
+    with no graph breaks (a break splits the kernels the GPU would fuse)."""
+    asked, counters = eager_compile
     eager = train_util.Trainer(*tiny(tmp_path / "eager", syn_dir, max_steps=3), CPU)
     eager.run()
     compiled = train_util.Trainer(*tiny(tmp_path / "compiled", syn_dir, max_steps=3, compile=True), CPU)
     compiled.run()
-    torch._dynamo.reset()
     assert asked == [compiled.model] and compiled.ddp is not compiled.model
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert states_equal(eager.model.state_dict(), compiled.model.state_dict())
