@@ -263,3 +263,29 @@ def test_benchmark_compares_against_the_ddpm_reference(trained, tmp_path):
             im.load()
             assert im.size[0] > 200 and im.size[1] > 100
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["qual.png", "quant.png"]
+
+
+def test_bf16_autocast_runs_the_network_in_bf16_and_returns_fp32_members():
+    """--amp bf16: the network's convolutions run in bf16 (outputs differ from fp32), the solver's arithmetic and
+    the members stay fp32, and a stochastic sampler's members stay close to the fp32 ones."""
+    from guided_diffusion.script_util import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model
+
+    dc = DiffusionConfig(diffusion_steps=40)
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(image_size=16, num_channels=8, num_res_blocks=1, attention_resolutions="8"),
+                         dc).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the output layers start at zero: give them weights
+            if not p.abs().sum():
+                p.normal_(0, 0.1)
+    diffusion, images, cpu = create_gaussian_diffusion(dc), torch.rand(2, 3, 16, 16), torch.device("cpu")
+    members = {}
+    for amp in ("none", "bf16"):
+        with torch.no_grad(), predict.sampling_autocast(amp, cpu):
+            members[amp] = sample_ensemble(model, diffusion, images, 3, SamplerSpec("sde-dpm_solver++", 10),
+                                           seeds=[1, 2]).members
+    assert members["bf16"].dtype == members["none"].dtype == torch.float32
+    gap = (members["bf16"] - members["none"]).abs().max().item()
+    assert 0 < gap < 0.1, gap
+    with pytest.raises(ValueError, match="--amp must be auto, none or bf16, got 'fp8'"):
+        predict.sampling_autocast("fp8", cpu)
