@@ -415,8 +415,9 @@ class Trainer:
                     if main and gpu_starved and not hinted:
                         hinted = True
                         tqdm.write(f"note: training waited for data {100 * row['data_wait']:.0f}% of the time "
-                                   f"(--num_workers {tc.num_workers}); more workers may help "
-                                   f"(scripts/benchmark_train.py measures it)")
+                                   f"(--num_workers {tc.num_workers}, --preload {tc.preload}); more workers, or "
+                                   f"--preload True, may help (scripts/benchmark_train.py --data loader_only "
+                                   f"measures what the loader supplies)")
                     window, t_last, seen, waited = [], now, 0, 0.0
                 if self.step % tc.save_interval == 0 or self.step == tc.max_steps:
                     path = self.save()
