@@ -159,7 +159,7 @@ def measure_loader(cfg: BenchConfig, preload: bool, device: torch.device) -> Ben
     datasets.ensure_dataset(cfg.data.data_name, cfg.data.data_dir)
     pairs = datasets.list_pairs(cfg.data.data_name, cfg.data.data_dir, "train")
     tc = replace(cfg.train, preload=str(preload))
-    _reset_peak(device)
+    _reset_peak(torch.device("cpu"))  # the loader's memory is host memory, whatever the device
     start = time.perf_counter()
     loader = train_loader(pairs, cfg.model.image_size, tc, 0, DistInfo(0, 1, 0, device))
     batches = iter(loader)
