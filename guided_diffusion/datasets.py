@@ -504,9 +504,7 @@ class SegmentationDataset(Dataset):
         """The pair's image and boolean mask at original size; their sizes must agree."""
         pair = self.pairs[index]
         image, mask = load_image(pair.image), load_mask(pair.mask)
-        if (image.height, image.width) != mask.shape:
-            raise DataError(f"image {pair.image} is {image.width}x{image.height} "
-                            f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
+        _check_same_size(pair, image.size, mask)
         return image, mask
 
     def _decode_reduced(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -515,14 +513,13 @@ class SegmentationDataset(Dataset):
         mask = load_mask(pair.mask)
         height, width = mask.shape
         h, w = preload_shape(height, width, self.image_size)
-        image, (full_w, full_h) = _open(pair.image, "image", draft=(w, h))
-        if (full_h, full_w) != mask.shape:
-            raise DataError(f"image {pair.image} is {full_w}x{full_h} but mask {pair.mask} is {width}x{height}")
+        image, full_size = _open(pair.image, "image", draft=(w, h))
+        _check_same_size(pair, full_size, mask)
         img_t, mask_t = _to_tensors(_rgb(image), mask)
         if (h, w) != (height, width) or img_t.shape[-2:] != (h, w):
             img_t = TF.resize(img_t, [h, w], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
             mask_t = TF.resize(mask_t, [h, w], interpolation=v2.InterpolationMode.NEAREST_EXACT)
-        return img_t.as_subclass(torch.Tensor).clone(), mask_t.as_subclass(torch.Tensor).clone(), (height, width)
+        return img_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor), (height, width)
 
     def preload_bytes(self) -> int:
         """RAM the preloaded copies would take, from the files' headers (nothing is decoded)."""
@@ -576,6 +573,13 @@ class SegmentationDataset(Dataset):
         }
 
 
+def _check_same_size(pair: Pair, image_size: tuple[int, int], mask: np.ndarray) -> None:
+    """The image's (width, height) must be the mask's."""
+    if (image_size[1], image_size[0]) != mask.shape:
+        raise DataError(f"image {pair.image} is {image_size[0]}x{image_size[1]} "
+                        f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
+
+
 def available_cpus() -> int:
     """CPU cores this process may use, shared among the processes torchrun starts on this node."""
     try:
@@ -602,8 +606,8 @@ def maybe_preload(dataset: SegmentationDataset, mode, log=print, progress: bool 
     choice = preload_choice(mode)
     if choice == "false":
         return False
-    need = dataset.preload_bytes()
-    if choice == "auto" and need > PRELOAD_AUTO_GIB * 2 ** 30:
+    need = dataset.preload_bytes() if choice == "auto" else 0  # True: no estimate needed
+    if need > PRELOAD_AUTO_GIB * 2 ** 30:
         log(f"not preloading the {len(dataset)} training images: their copies would take {_size_text(need)} "
             f"(> {PRELOAD_AUTO_GIB:g} GiB per process); --preload True forces it")
         return False
