@@ -8,12 +8,12 @@ from typing import Callable
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input (shown as one line), not a bug (shown with a traceback)."""
-    from .checkpoint import CheckpointError
-    from .datasets import DataError
+    from guided_diffusion.checkpoint import CheckpointError
+    from guided_diffusion.data.datasets import DataError
 
     types: list[type[BaseException]] = [CheckpointError, DataError, ValueError, FileNotFoundError]
     try:
-        from .train_util import TrainingDiverged
+        from guided_diffusion.training.core import TrainingDiverged
 
         types.append(TrainingDiverged)
     except ImportError:  # pragma: no cover

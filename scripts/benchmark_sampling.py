@@ -10,11 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion import benchmark, dist_util  # noqa: E402
+from guided_diffusion.reports import benchmark  # noqa: E402
+from guided_diffusion import distributed  # noqa: E402
 from guided_diffusion.checkpoint import atomic_write_bytes, load_checkpoint  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.predict import SampleConfig  # noqa: E402
-from guided_diffusion.script_util import str2bool  # noqa: E402
+from guided_diffusion.sampling.pipeline import SampleConfig  # noqa: E402
+from guided_diffusion.config import str2bool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    device = dist_util.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     ckpt = load_checkpoint(args.model_path)
     T = ckpt["config"]["diffusion"]["diffusion_steps"]
     data = (args.data_name or ckpt["config"]["data"]["data_name"], args.data_dir or ckpt["config"]["data"]["data_dir"])

@@ -10,11 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion import datasets, dist_util, train_bench  # noqa: E402
+from guided_diffusion.data import datasets  # noqa: E402
+from guided_diffusion import distributed  # noqa: E402
+from guided_diffusion.reports import train_speed  # noqa: E402
 from guided_diffusion.checkpoint import atomic_write_bytes  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.script_util import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig,  # noqa: E402
-                                          add_dataclass_args, from_namespace)
+from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, add_dataclass_args,
+                                     from_namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = p.add_argument_group("benchmark")
     b.add_argument("--variants", default="",
                    help="comma-separated option sets joined with +, from fp32 (none), "
-                        + ", ".join(train_bench.OPTIONS) + f"; default on CPU: {train_bench.DEFAULT_VARIANTS['cpu']}; "
-                        f"on CUDA: {train_bench.DEFAULT_VARIANTS['cuda']}")
+                        + ", ".join(train_speed.OPTIONS) + f"; default on CPU: {train_speed.DEFAULT_VARIANTS['cpu']}; "
+                        f"on CUDA: {train_speed.DEFAULT_VARIANTS['cuda']}")
     b.add_argument("--data", default="memory,loader",
                    help="comma-separated: memory (one batch kept on the device), loader (the training DataLoader), "
                         "loader_only (the DataLoader with no model, --preload False and True)")
@@ -45,21 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    device = dist_util.resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     train = TrainConfig(batch_size=args.batch_size, lr=args.lr, num_workers=args.num_workers, seed=args.seed,
                         preload=args.preload)
-    cfg = train_bench.BenchConfig(
+    cfg = train_speed.BenchConfig(
         model=from_namespace(ModelConfig, args), diffusion=from_namespace(DiffusionConfig, args),
         data=from_namespace(DataConfig, args), train=train, warmup=args.warmup, steps=args.steps,
-        variants=train_bench.parse_variants(args.variants or train_bench.DEFAULT_VARIANTS[device.type]),
-        data_modes=train_bench.parse_data_modes(args.data))
-    rows = train_bench.run(cfg, device, log=lambda s: print(s, flush=True))
+        variants=train_speed.parse_variants(args.variants or train_speed.DEFAULT_VARIANTS[device.type]),
+        data_modes=train_speed.parse_data_modes(args.data))
+    rows = train_speed.run(cfg, device, log=lambda s: print(s, flush=True))
     command = "python scripts/benchmark_train.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = f"{train_bench.describe(cfg, device)}\ncommand: {command}\n\n{train_bench.to_markdown(rows)}\n"
+    text = f"{train_speed.describe(cfg, device)}\ncommand: {command}\n\n{train_speed.to_markdown(rows)}\n"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "benchmark_train.md", lambda tmp: tmp.write_text(text))
-    atomic_write_bytes(out / "benchmark_train.csv", lambda tmp: tmp.write_text(train_bench.to_csv(rows)))
+    atomic_write_bytes(out / "benchmark_train.csv", lambda tmp: tmp.write_text(train_speed.to_csv(rows)))
     print("\n" + text + f"written: {out / 'benchmark_train.md'}, {out / 'benchmark_train.csv'}")
 
 

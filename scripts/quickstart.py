@@ -7,8 +7,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.quickstart import QuickstartConfig, run_quickstart  # noqa: E402
-from guided_diffusion.script_util import add_dataclass_args, from_namespace  # noqa: E402
+from guided_diffusion.reports.quickstart import QuickstartConfig, run_quickstart  # noqa: E402
+from guided_diffusion.config import add_dataclass_args, from_namespace  # noqa: E402
 
 
 def main(argv=None) -> None:

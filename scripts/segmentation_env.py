@@ -15,8 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.evaluation import DEFAULT_CSV, DEFAULT_JSON, EvalOptions, evaluate, format_table  # noqa: E402
-from guided_diffusion.script_util import str2bool  # noqa: E402
+from guided_diffusion.evaluation.scoring import (DEFAULT_CSV, DEFAULT_JSON, EvalOptions, evaluate,  # noqa: E402
+                                                 format_table)
+from guided_diffusion.config import str2bool  # noqa: E402
 
 
 def bounded(kind: type, low: float, high: float, closed_high: bool = True):

@@ -5,11 +5,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion import dist_util  # noqa: E402
+from guided_diffusion import distributed  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.predict import SampleConfig, run_sampling  # noqa: E402
-from guided_diffusion.script_util import (DiffusionConfig, ModelConfig, add_dataclass_args,  # noqa: E402
-                                          from_namespace)
+from guided_diffusion.sampling.pipeline import SampleConfig, run_sampling  # noqa: E402
+from guided_diffusion.config import DiffusionConfig, ModelConfig, add_dataclass_args, from_namespace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,11 +24,11 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     cfg = from_namespace(SampleConfig, args)
     model_flags = {**vars(from_namespace(ModelConfig, args)), **vars(from_namespace(DiffusionConfig, args))}
-    info = dist_util.setup(cfg.device)
+    info = distributed.setup(cfg.device)
     try:
         summary = run_sampling(cfg, model_flags, info.device, info.rank, info.world_size)
     finally:
-        dist_util.cleanup()
+        distributed.cleanup()
     if info.is_main:
         n = summary["images"]
         rate = f", {summary['seconds'] / n:.3f} s/image" if n else ""

@@ -8,10 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion import dist_util  # noqa: E402
+from guided_diffusion import distributed  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.script_util import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig,  # noqa: E402
-                                          add_dataclass_args, from_namespace)
+from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, add_dataclass_args,
+                                     from_namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,10 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from guided_diffusion.train_util import Trainer
+    from guided_diffusion.training.core import Trainer
 
-    info = dist_util.setup(args.device)
-    with dist_util.worker(info):  # an error on one rank is recorded for torchrun, which then stops them all
+    info = distributed.setup(args.device)
+    with distributed.worker(info):  # an error on one rank is recorded for torchrun, which then stops them all
         Trainer(from_namespace(ModelConfig, args), from_namespace(DiffusionConfig, args),
                 from_namespace(DataConfig, args), from_namespace(TrainConfig, args), info).run()
 

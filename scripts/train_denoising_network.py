@@ -10,19 +10,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion import aux_train  # noqa: E402
+from guided_diffusion.training import auxiliary  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    aux_train.add_common_args(parser)
-    aux_train.add_denoiser_args(parser)
+    auxiliary.add_common_args(parser)
+    auxiliary.add_denoiser_args(parser)
     return parser
 
 
 def main(argv=None) -> None:
-    aux_train.train_aux("denoiser", vars(build_parser().parse_args(argv)))
+    auxiliary.train_aux("denoiser", vars(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

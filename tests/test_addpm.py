@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from dpm_solver import NoiseScheduleVP
-from guided_diffusion import addpm, aux_train, predict
-from guided_diffusion.aux_nets import DENOISER, PRESEG, AuxNetConfig, DenoiserNet, load_aux
+from guided_diffusion.sampling import addpm, pipeline
+from guided_diffusion.training import auxiliary
+from guided_diffusion.network.aux_nets import DENOISER, PRESEG, AuxNetConfig, DenoiserNet, load_aux
 from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
-from guided_diffusion.gaussian_diffusion import create_diffusion
-from guided_diffusion.sampling import SamplerSpec, sample_ensemble
-from guided_diffusion.unet import Condition
+from guided_diffusion.diffusion.gaussian_diffusion import create_diffusion
+from guided_diffusion.sampling.samplers import SamplerSpec, sample_ensemble
+from guided_diffusion.network.unet import Condition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ CHAINS = [("ddpm", 0), ("ddpm", 7), ("ddim", 5), ("dpm_solver++", 4), ("dpm_solv
 def test_chain_starts_at_pre_t_and_lands_on_stop_t(sampler, steps, pre_t, stop_t):
     """With zero noise and the exact point-mass model every chain follows x_t = sqrt(ab_t) c: its end tells
     exactly which level it landed on, its calls which level it started from."""
-    from guided_diffusion.sampling import SAMPLER_FNS
+    from guided_diffusion.sampling.samplers import SAMPLER_FNS
 
     d = create_diffusion(100, "linear", False)
     steps = min(steps or pre_t, pre_t - stop_t)
@@ -154,7 +155,7 @@ def test_truncated_ddpm_adds_the_noise_of_its_last_level():
             return torch.zeros((1, *shape), dtype=torch.float64)
 
         spec = SamplerSpec("ddpm", 20, t_start=stop_t + 20, t_end=stop_t)
-        from guided_diffusion.sampling import sample_ddpm
+        from guided_diffusion.sampling.samplers import sample_ddpm
         sample_ddpm(model, d, torch.zeros(1, 1, 2, 2, dtype=torch.float64), spec, noise)
         assert len(count) == draws
 
@@ -230,19 +231,19 @@ def test_denoiser_pairing_with_stop_t_is_checked():
 
 
 def test_sample_flags_resolve_to_the_truncated_chain():
-    cfg = predict.SampleConfig(sampler="addpm", pre_t=300, stop_t=250)
-    spec = predict.resolve_spec(cfg, None, 1000)
+    cfg = pipeline.SampleConfig(sampler="addpm", pre_t=300, stop_t=250)
+    spec = pipeline.resolve_spec(cfg, None, 1000)
     assert (spec.sampler, spec.steps, spec.t_start, spec.t_end) == ("ddpm", 50, 300, 250)
-    spec = predict.resolve_spec(predict.SampleConfig(sampler="addpm", addpm_inner="dpm_solver++", steps=3), None, 1000)
+    spec = pipeline.resolve_spec(pipeline.SampleConfig(sampler="addpm", addpm_inner="dpm_solver++", steps=3), None, 1000)
     assert (spec.sampler, spec.steps, spec.t_start, spec.t_end) == ("dpm_solver++", 3, 300, 250)  # 3T/10, T/4
-    spec = predict.resolve_spec(predict.SampleConfig(sampler="addpm", dpm_solver=True), 5, 1000)
+    spec = pipeline.resolve_spec(pipeline.SampleConfig(sampler="addpm", dpm_solver=True), 5, 1000)
     assert (spec.sampler, spec.steps) == ("dpm_solver++", 5)
     with pytest.raises(ValueError, match="--pre_t, --denoiser_path belong to --sampler addpm"):
-        predict.resolve_spec(predict.SampleConfig(sampler="ddpm", pre_t=3, denoiser_path="x"), None, 1000)
+        pipeline.resolve_spec(pipeline.SampleConfig(sampler="ddpm", pre_t=3, denoiser_path="x"), None, 1000)
     with pytest.raises(ValueError, match="--addpm_inner must be one of"):
-        predict.resolve_spec(predict.SampleConfig(sampler="addpm", addpm_inner="euler"), None, 1000)
+        pipeline.resolve_spec(pipeline.SampleConfig(sampler="addpm", addpm_inner="euler"), None, 1000)
     with pytest.raises(ValueError, match="--preseg head and --preseg_path p disagree"):
-        predict.preseg_source(predict.SampleConfig(preseg="head", preseg_path="p"))
+        pipeline.preseg_source(pipeline.SampleConfig(preseg="head", preseg_path="p"))
 
 
 # ----- the auxiliary networks, trained through the scripts ---------------------------------------------
@@ -262,7 +263,7 @@ TINY = ["--image_size", 16, "--num_channels", 8, "--num_workers", 0, "--device",
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from guided_diffusion.datasets import make_synthetic
+    from guided_diffusion.data.datasets import make_synthetic
     base = tmp_path_factory.mktemp("addpm")
     make_synthetic(base / "data", num_images=20)
     run_script("segmentation_train.py", "--data_name", "SYNTHETIC", "--data_dir", base / "data", "--out_dir",
@@ -296,12 +297,12 @@ def test_wrong_kind_of_checkpoint_is_a_clear_error(runs):
     with pytest.raises(CheckpointError, match="--preseg_path .* is a diffusion model checkpoint"):
         load_aux(runs / "diff", PRESEG, torch.device("cpu"), flag="--preseg_path")
     with pytest.raises(CheckpointError, match="--model_path .* is a denoising network checkpoint"):
-        predict.load_model(str(runs / "den"), torch.device("cpu"))
+        pipeline.load_model(str(runs / "den"), torch.device("cpu"))
 
 
 def test_denoiser_schedule_and_T_are_checked_against_the_diffusion_model(runs):
     den = load_aux(runs / "den", DENOISER, torch.device("cpu"))
-    lm = predict.load_model(str(runs / "diff"), torch.device("cpu"))
+    lm = pipeline.load_model(str(runs / "diff"), torch.device("cpu"))
     addpm.check_denoiser(den, lm.diffusion_cfg, 10)
     with pytest.raises(ValueError, match="--stop_t 11 is above the denoiser's --T 10"):
         addpm.check_denoiser(den, lm.diffusion_cfg, 11)
@@ -314,25 +315,25 @@ def test_denoiser_schedule_and_T_are_checked_against_the_diffusion_model(runs):
 def test_aux_training_resumes_exactly_and_refuses_contradicting_flags(runs, tmp_path):
     def flags(out, steps, **more):
         parser = __import__("argparse").ArgumentParser()
-        aux_train.add_common_args(parser)
-        aux_train.add_denoiser_args(parser)
+        auxiliary.add_common_args(parser)
+        auxiliary.add_denoiser_args(parser)
         argv = ["--split_from", runs / "diff", "--out_dir", out, "--max_steps", steps, "--batch_size", 4, "--T", 10,
                 *TINY] + [str(x) for kv in more.items() for x in (f"--{kv[0]}", kv[1])]
         return vars(parser.parse_args([str(a) for a in argv]))
 
-    aux_train.train_aux(DENOISER, flags(tmp_path / "a", 3))
-    aux_train.train_aux(DENOISER, flags(tmp_path / "b", 1))
-    aux_train.train_aux(DENOISER, flags(tmp_path / "b", 3))
+    auxiliary.train_aux(DENOISER, flags(tmp_path / "a", 3))
+    auxiliary.train_aux(DENOISER, flags(tmp_path / "b", 1))
+    auxiliary.train_aux(DENOISER, flags(tmp_path / "b", 3))
     a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
     assert a["step"] == b["step"] == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     with pytest.raises(ValueError, match="--num_channels 16 contradicts the checkpoint"):
-        aux_train.plan_run(DENOISER, flags(tmp_path / "b", 4, num_channels=16))
+        auxiliary.plan_run(DENOISER, flags(tmp_path / "b", 4, num_channels=16))
     with pytest.raises(ValueError, match="--noise_schedule linear contradicts the --split_from run"):
-        aux_train.plan_run(DENOISER, flags(tmp_path / "c", 4, noise_schedule="linear"))
+        auxiliary.plan_run(DENOISER, flags(tmp_path / "c", 4, noise_schedule="linear"))
     with pytest.raises(ValueError, match="--T must be in 1..40"):
-        aux_train.plan_run(DENOISER, flags(tmp_path / "c", 4, T=41))
+        auxiliary.plan_run(DENOISER, flags(tmp_path / "c", 4, T=41))
 
 
 def sample_args(runs, out, *more):
@@ -416,7 +417,7 @@ def test_benchmark_has_addpm_rows(runs, tmp_path):
     assert [tuple(r[k] for k in keys) for r in again] == [tuple(r[k] for k in keys) for r in rows[:2]]
     assert float(again[1]["seconds_per_image"]) == pytest.approx(float(rows[1]["seconds_per_image"]), abs=1e-3)
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("synth_*.png")}
-    from guided_diffusion import benchmark
+    from guided_diffusion.reports import benchmark
     other = {"sampler": "addpm-ddpm", "steps": 2, "addpm": {"pre_t": 12, "stop_t": 9, "preseg": "head"}}
     with pytest.raises(ValueError, match="--reuse: .* holds masks sampled with"):
         benchmark.manifest_cost(out / "addpm-ddpm-0-n2-head", [r["id"] for r in manifest(out / "ddpm-40-n2")],

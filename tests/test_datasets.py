@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion import datasets as D
-from guided_diffusion.datasets import DataError, Pair
+from guided_diffusion.data import datasets as D
+from guided_diffusion.data.datasets import DataError, Pair
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KVASIR_REAL = SHARED / "Kvasir-SEG"

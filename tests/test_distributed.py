@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion import dist_util, train_bench
+from guided_diffusion import distributed
+from guided_diffusion.reports import train_speed
 from guided_diffusion.checkpoint import find_latest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def load(out_dir):
 def runs(tmp_path_factory):
     """A 4-step run with global batch 4: one process with batch 4, and torchrun with 2 x 2."""
     import segmentation_train
-    from guided_diffusion.datasets import make_synthetic
+    from guided_diffusion.data.datasets import make_synthetic
 
     root = tmp_path_factory.mktemp("dist")
     syn = make_synthetic(root / "syn", num_images=24)
@@ -141,15 +142,16 @@ def test_sharded_sampling_equals_single_process(runs, tmp_path):
 CRASH = """
 import sys
 sys.path.insert(0, {scripts!r})
-from guided_diffusion import datasets, train_util
-real = train_util.Trainer.train_step
+from guided_diffusion.data import datasets
+from guided_diffusion.training import core
+real = core.Trainer.train_step
 
 def failing(self, batch):
     if self.di.rank == 1 and self.step == 1:
         raise datasets.DataError("cannot read image broken_0007.png (injected)")
     return real(self, batch)
 
-train_util.Trainer.train_step = failing
+core.Trainer.train_step = failing
 import segmentation_train
 from guided_diffusion.cli import run_cli
 run_cli(segmentation_train.main)
@@ -171,15 +173,15 @@ def test_an_error_on_one_rank_ends_the_job_with_the_error_shown(runs, tmp_path):
 
 
 def test_peer_loss_is_recognised():
-    assert dist_util.is_peer_loss(RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:2742"))
-    assert not dist_util.is_peer_loss(RuntimeError("CUDA out of memory"))
-    assert not dist_util.is_peer_loss(ValueError("Connection closed by peer"))
+    assert distributed.is_peer_loss(RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:2742"))
+    assert not distributed.is_peer_loss(RuntimeError("CUDA out of memory"))
+    assert not distributed.is_peer_loss(ValueError("Connection closed by peer"))
 
 
 def test_cuda_device_index_under_torchrun_is_an_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--device cuda"):
-        dist_util.setup("cuda:1")
+        distributed.setup("cuda:1")
 
 
 def test_benchmark_train_script_on_cpu(runs, tmp_path):
@@ -209,15 +211,15 @@ def test_benchmark_train_script_on_cpu(runs, tmp_path):
 
 
 def test_variant_parsing():
-    assert train_bench.parse_variants("fp32, bf16+channels_last") == [frozenset(), {"bf16", "channels_last"}]
-    assert train_bench.variant_name(frozenset({"compile", "bf16"})) == "bf16+compile"
+    assert train_speed.parse_variants("fp32, bf16+channels_last") == [frozenset(), {"bf16", "channels_last"}]
+    assert train_speed.variant_name(frozenset({"compile", "bf16"})) == "bf16+compile"
     with pytest.raises(ValueError, match="unknown option 'fast'"):
-        train_bench.parse_variants("fp32,fast")
+        train_speed.parse_variants("fp32,fast")
     with pytest.raises(ValueError, match="both bf16 and fp16"):
-        train_bench.parse_variants("bf16+fp16")
-    assert train_bench.parse_data_modes("loader_only, memory") == ("loader_only", "memory")
+        train_speed.parse_variants("bf16+fp16")
+    assert train_speed.parse_data_modes("loader_only, memory") == ("loader_only", "memory")
     with pytest.raises(ValueError, match="--data must be a comma-separated list of memory, loader, loader_only"):
-        train_bench.parse_data_modes("disk")
+        train_speed.parse_data_modes("disk")
 
 
 def test_channels_last_trains_like_the_default_layout(runs, tmp_path):

@@ -5,16 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.ensemble import (
-    STAPLE_EPS,
-    STAPLE_INIT,
-    fuse,
-    fuse_mean,
-    fuse_vote,
-    staple,
-    threshold,
-    uncertainty,
-)
+from guided_diffusion.sampling.ensemble import (STAPLE_EPS, STAPLE_INIT, fuse, fuse_mean, fuse_vote, staple,
+                                                threshold, uncertainty)
 
 
 # ---------------------------------------------------------------- an independent STAPLE reference

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.gaussian_diffusion import (GaussianDiffusion, create_diffusion, dice_bce_loss,
-                                                 discretized_gaussian_log_likelihood, get_named_beta_schedule,
-                                                 normal_kl)
+from guided_diffusion.diffusion.gaussian_diffusion import (GaussianDiffusion, create_diffusion, dice_bce_loss,
+                                                           discretized_gaussian_log_likelihood,
+                                                           get_named_beta_schedule, normal_kl)
 
 
 def test_linear_schedule_matches_ddpm_endpoints_and_rescales():

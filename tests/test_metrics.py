@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from guided_diffusion import metrics as M
+from guided_diffusion.evaluation import metrics as M
 
 
 def square(shape=(40, 50), top=10, left=10, size=10) -> np.ndarray:

@@ -8,14 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion import outputs
-from guided_diffusion.outputs import (
-    PredictionWriter,
-    atomic_write_png,
-    overlay,
-    resize_prob,
-    to_uint8,
-)
+from guided_diffusion.sampling import outputs
+from guided_diffusion.sampling.outputs import PredictionWriter, atomic_write_png, overlay, resize_prob, to_uint8
 
 
 def read_png(path) -> np.ndarray:

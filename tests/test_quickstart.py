@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion import datasets, figures
-from guided_diffusion.quickstart import QuickstartConfig, run_quickstart
+from guided_diffusion.data import datasets
+from guided_diffusion.reports import figures
+from guided_diffusion.reports.quickstart import QuickstartConfig, run_quickstart
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from dpm_solver import NoiseScheduleVP
-from guided_diffusion import predict
-from guided_diffusion.gaussian_diffusion import create_diffusion
-from guided_diffusion.sampling import (SOLVER_ALGORITHMS, SamplerSpec, respaced, sample_ensemble,
-                                      spaced_timesteps)
-from guided_diffusion.unet import Condition
+from guided_diffusion.sampling import pipeline
+from guided_diffusion.diffusion.gaussian_diffusion import create_diffusion
+from guided_diffusion.sampling.samplers import (SOLVER_ALGORITHMS, SamplerSpec, respaced, sample_ensemble,
+                                                spaced_timesteps)
+from guided_diffusion.network.unet import Condition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,17 +107,17 @@ def test_spec_validation_names_the_flag():
 
 
 def test_seed_fast_command_means_dpm_solver_pp_on_trained_schedule():
-    cfg = predict.SampleConfig(dpm_solver=True)
-    spec = predict.resolve_spec(cfg, 50, 1000)
+    cfg = pipeline.SampleConfig(dpm_solver=True)
+    spec = pipeline.resolve_spec(cfg, 50, 1000)
     assert (spec.sampler, spec.steps, spec.order, spec.method) == ("dpm_solver++", 50, 2, "multistep")
-    assert predict.resolve_spec(predict.SampleConfig(), 1000, 1000).sampler == "ddpm"
-    assert predict.resolve_spec(predict.SampleConfig(), None, 1000).steps == 1000
+    assert pipeline.resolve_spec(pipeline.SampleConfig(), 1000, 1000).sampler == "ddpm"
+    assert pipeline.resolve_spec(pipeline.SampleConfig(), None, 1000).steps == 1000
     ckpt = {"path": "m.pt", "config": {"model": {"image_size": 64}, "diffusion": {"diffusion_steps": 1000}}}
-    predict.check_flags_against_checkpoint({"diffusion_steps": 50, "image_size": 64}, ckpt, dpm_solver=True)
+    pipeline.check_flags_against_checkpoint({"diffusion_steps": 50, "image_size": 64}, ckpt, dpm_solver=True)
     with pytest.raises(ValueError, match="--diffusion_steps 50 contradicts"):
-        predict.check_flags_against_checkpoint({"diffusion_steps": 50}, ckpt, dpm_solver=False)
+        pipeline.check_flags_against_checkpoint({"diffusion_steps": 50}, ckpt, dpm_solver=False)
     with pytest.raises(ValueError, match="--image_size 256 contradicts"):
-        predict.check_flags_against_checkpoint({"image_size": 256}, ckpt, dpm_solver=True)
+        pipeline.check_flags_against_checkpoint({"image_size": 256}, ckpt, dpm_solver=True)
 
 
 # ----- end to end through the scripts, on a tiny trained checkpoint ---------------------------------
@@ -128,7 +128,7 @@ def script(name, *args):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from guided_diffusion.datasets import make_synthetic
+    from guided_diffusion.data.datasets import make_synthetic
     base = tmp_path_factory.mktemp("run")
     make_synthetic(base / "data", num_images=20)
     r = script("segmentation_train.py", "--data_name", "SYNTHETIC", "--data_dir", base / "data", "--out_dir",
@@ -153,7 +153,7 @@ def test_sample_script_writes_the_contract_and_resumes(trained):
     rows = list(csv.DictReader(open(out / "manifest.csv")))
     assert len(rows) == 3 and {"id", "sampler", "steps", "nfe", "seconds"} <= set(rows[0])
     assert rows[0]["nfe"] == "5" and rows[0]["sampler"] == "dpm_solver++"
-    from guided_diffusion.datasets import list_pairs, load_image
+    from guided_diffusion.data.datasets import list_pairs, load_image
     pairs = {p.id: p for p in list_pairs("SYNTHETIC", trained / "data", "test", split_file=out / "split.json")}
     for row in rows:
         mask = read(out / f"{row['id']}.png")
@@ -211,8 +211,8 @@ def test_compile_wraps_the_denoising_forward(trained, eager_compile):
     does, with no graph breaks in the denoising step."""
     calls, counters = eager_compile
     ckpt = next((trained / "run").glob("model_*.pt"))
-    eager = predict.load_model(str(ckpt), torch.device("cpu"))
-    compiled = predict.load_model(str(ckpt), torch.device("cpu"), compile=True, channels_last=True)
+    eager = pipeline.load_model(str(ckpt), torch.device("cpu"))
+    compiled = pipeline.load_model(str(ckpt), torch.device("cpu"), compile=True, channels_last=True)
     assert len(calls) == 1 and calls[0].__name__ == "forward"
     images = torch.rand(2, 3, 16, 16)
     spec = SamplerSpec("dpm_solver++", 3)
@@ -238,7 +238,7 @@ def test_sample_script_bad_inputs_are_one_line_errors(trained, tmp_path):
 
 
 def test_benchmark_compares_against_the_ddpm_reference(trained, tmp_path):
-    from guided_diffusion import benchmark
+    from guided_diffusion.reports import benchmark
     assert benchmark.parse_configs("ddpm:40, dpm_solver++:4") == [("ddpm", 40), ("dpm_solver++", 4)]
     with pytest.raises(ValueError, match="--configs"):
         benchmark.parse_configs("ddpm")
@@ -268,7 +268,7 @@ def test_benchmark_compares_against_the_ddpm_reference(trained, tmp_path):
 def test_bf16_autocast_runs_the_network_in_bf16_and_returns_fp32_members():
     """--amp bf16: the network's convolutions run in bf16 (outputs differ from fp32), the solver's arithmetic and
     the members stay fp32, and a stochastic sampler's members stay close to the fp32 ones."""
-    from guided_diffusion.script_util import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model
+    from guided_diffusion.config import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model
 
     dc = DiffusionConfig(diffusion_steps=40)
     torch.manual_seed(0)
@@ -281,11 +281,11 @@ def test_bf16_autocast_runs_the_network_in_bf16_and_returns_fp32_members():
     diffusion, images, cpu = create_gaussian_diffusion(dc), torch.rand(2, 3, 16, 16), torch.device("cpu")
     members = {}
     for amp in ("none", "bf16"):
-        with torch.no_grad(), predict.sampling_autocast(amp, cpu):
+        with torch.no_grad(), pipeline.sampling_autocast(amp, cpu):
             members[amp] = sample_ensemble(model, diffusion, images, 3, SamplerSpec("sde-dpm_solver++", 10),
                                            seeds=[1, 2]).members
     assert members["bf16"].dtype == members["none"].dtype == torch.float32
     gap = (members["bf16"] - members["none"]).abs().max().item()
     assert 0 < gap < 0.1, gap
     with pytest.raises(ValueError, match="--amp must be auto, none or bf16, got 'fp8'"):
-        predict.sampling_autocast("fp8", cpu)
+        pipeline.sampling_autocast("fp8", cpu)

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from guided_diffusion import evaluation as E
-from guided_diffusion.datasets import DataError
+from guided_diffusion.evaluation import scoring as E
+from guided_diffusion.data.datasets import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "segmentation_env.py"
@@ -220,7 +220,7 @@ def test_jpeg_noisy_masks_score_as_their_clean_versions(tmp_path):
     noisy = np.asarray(Image.open(gt / "a.jpg"))
     assert len(np.unique(noisy)) > 2  # JPEG did add noise
     res = run(pred, gt)
-    from guided_diffusion.metrics import segmentation_metrics
+    from guided_diffusion.evaluation.metrics import segmentation_metrics
     assert res.per_image.iloc[0][["dice", "iou", "hd95"]].tolist() == pytest.approx(
         [segmentation_metrics(p, g)[k] for k in ("dice", "iou", "hd95")])
 

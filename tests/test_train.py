@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion import gaussian_diffusion, train_util
+from guided_diffusion.diffusion import gaussian_diffusion
+from guided_diffusion.training import core
 from guided_diffusion.checkpoint import find_latest, load_checkpoint
-from guided_diffusion.dist_util import DistInfo
-from guided_diffusion.script_util import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from guided_diffusion.distributed import DistInfo
+from guided_diffusion.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_CMD = ("--data_name ISIC --data_dir ISIC --out_dir runs/isic --image_size 256 --num_channels 128 "
@@ -32,7 +33,7 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 @pytest.fixture(scope="module")
 def syn_dir(tmp_path_factory):
-    from guided_diffusion.datasets import make_synthetic
+    from guided_diffusion.data.datasets import make_synthetic
     d = tmp_path_factory.mktemp("syn")
     make_synthetic(d, num_images=24)
     return d
@@ -43,7 +44,7 @@ def states_equal(a: dict, b: dict) -> bool:
 
 
 def test_checkpoint_is_self_describing(tmp_path, syn_dir):
-    train_util.Trainer(*tiny(tmp_path, syn_dir), CPU).run()
+    core.Trainer(*tiny(tmp_path, syn_dir), CPU).run()
     ckpt = load_checkpoint(find_latest(tmp_path))
     assert ckpt["step"] == 4 and Path(ckpt["path"]).name == "model_0000004.pt"
     for key in ("model", "ema", "optimizer", "scaler", "rng", "config", "split"):
@@ -55,12 +56,12 @@ def test_checkpoint_is_self_describing(tmp_path, syn_dir):
 
 
 def test_resume_ends_with_same_weights_as_uninterrupted_run(tmp_path, syn_dir):
-    straight = train_util.Trainer(*tiny(tmp_path / "a", syn_dir, max_steps=6), CPU)
+    straight = core.Trainer(*tiny(tmp_path / "a", syn_dir, max_steps=6), CPU)
     straight.run()
     cfg = tiny(tmp_path / "b", syn_dir, max_steps=3)
-    train_util.Trainer(*cfg, CPU).run()
+    core.Trainer(*cfg, CPU).run()
     cfg[3].max_steps = 6
-    resumed = train_util.Trainer(*cfg, CPU)
+    resumed = core.Trainer(*cfg, CPU)
     assert resumed.step == 3
     resumed.run()
     assert states_equal(straight.model.state_dict(), resumed.model.state_dict())
@@ -68,26 +69,26 @@ def test_resume_ends_with_same_weights_as_uninterrupted_run(tmp_path, syn_dir):
     sa, sb = straight.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
     assert all(states_equal(sa[k], sb[k]) for k in sa)
     # and training actually moved the weights
-    fresh = train_util.Trainer(*tiny(tmp_path / "c", syn_dir, max_steps=6), CPU)
+    fresh = core.Trainer(*tiny(tmp_path / "c", syn_dir, max_steps=6), CPU)
     assert not states_equal(fresh.model.state_dict(), straight.model.state_dict())
 
 
 def test_learn_sigma_false_trains(tmp_path, syn_dir):
-    t = train_util.Trainer(*tiny(tmp_path, syn_dir, learn_sigma=False, max_steps=2), CPU)
+    t = core.Trainer(*tiny(tmp_path, syn_dir, learn_sigma=False, max_steps=2), CPU)
     t.run()
     assert t.model.out_channels == 1
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, syn_dir, monkeypatch):
-    trainer = train_util.Trainer(*tiny(tmp_path, syn_dir, max_steps=6), CPU)
+    trainer = core.Trainer(*tiny(tmp_path, syn_dir, max_steps=6), CPU)
     real = gaussian_diffusion.dice_bce_loss
 
     def poisoned(logits, target):
         out = real(logits, target)
         return out * float("nan") if trainer.step >= 3 else out
 
-    monkeypatch.setattr(train_util, "dice_bce_loss", poisoned)
-    with pytest.raises(train_util.TrainingDiverged, match="model_0000002.pt"):
+    monkeypatch.setattr(core, "dice_bce_loss", poisoned)
+    with pytest.raises(core.TrainingDiverged, match="model_0000002.pt"):
         trainer.run()
     assert find_latest(tmp_path).name == "model_0000002.pt"
     assert torch.isfinite(torch.cat([p.flatten() for p in trainer.model.parameters()])).all()
@@ -112,7 +113,7 @@ def test_preloaded_training_equals_decoding_every_step(tmp_path):
         mc, dc, data, tc = tiny(tmp_path / name, tmp_path / "data", max_steps=3, preload=preload,
                                 num_workers=workers)
         data = DataConfig(data_name="FOLDER", data_dir=str(tmp_path / "data"))
-        runs.append(train_util.Trainer(mc, dc, data, tc, CPU))
+        runs.append(core.Trainer(mc, dc, data, tc, CPU))
         assert (runs[-1].loader.dataset.base._cache is not None) == (preload == "True")
         runs[-1].run()
     assert states_equal(runs[0].model.state_dict(), runs[1].model.state_dict())
@@ -122,9 +123,9 @@ def test_compile_traces_the_training_step_whole_and_trains_the_same(tmp_path, sy
     """--compile hands the (DDP-)wrapped network to torch.compile; dynamo must capture the forward as one graph
     with no graph breaks (a break splits the kernels the GPU would fuse)."""
     asked, counters = eager_compile
-    eager = train_util.Trainer(*tiny(tmp_path / "eager", syn_dir, max_steps=3), CPU)
+    eager = core.Trainer(*tiny(tmp_path / "eager", syn_dir, max_steps=3), CPU)
     eager.run()
-    compiled = train_util.Trainer(*tiny(tmp_path / "compiled", syn_dir, max_steps=3, compile=True), CPU)
+    compiled = core.Trainer(*tiny(tmp_path / "compiled", syn_dir, max_steps=3, compile=True), CPU)
     compiled.run()
     assert asked == [compiled.model] and compiled.ddp is not compiled.model
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
@@ -132,27 +133,27 @@ def test_compile_traces_the_training_step_whole_and_trains_the_same(tmp_path, sy
 
 
 def test_step_sampler_shards_the_global_batch():
-    one = train_util.StepSampler(10, 6, seed=3)
+    one = core.StepSampler(10, 6, seed=3)
     it = iter(one)
     single = [next(it) for _ in range(6 * 5)]
     ranks = []
     for r in range(2):
-        it = iter(train_util.StepSampler(10, 3, seed=3, rank=r, world_size=2))
+        it = iter(core.StepSampler(10, 3, seed=3, rank=r, world_size=2))
         ranks.append([next(it) for _ in range(3 * 5)])
     merged = [x for s in range(5) for r in range(2) for x in ranks[r][3 * s:3 * s + 3]]
     assert merged == single
     # each epoch is a permutation of the items
     assert sorted(i for i, _ in single[:10]) == list(range(10))
-    it = iter(train_util.StepSampler(10, 6, seed=3, start_step=2))
+    it = iter(core.StepSampler(10, 6, seed=3, start_step=2))
     assert [next(it) for _ in range(6)] == single[12:18]
 
 
 def test_resume_with_contradicting_flag_is_an_error(tmp_path, syn_dir):
     mc, dc, data, tc = tiny(tmp_path, syn_dir, max_steps=2)
-    train_util.Trainer(mc, dc, data, tc, CPU).run()
+    core.Trainer(mc, dc, data, tc, CPU).run()
     mc.num_channels = 16
     with pytest.raises(ValueError, match="--num_channels 16 contradicts"):
-        train_util.Trainer(mc, dc, data, tc, CPU)
+        core.Trainer(mc, dc, data, tc, CPU)
 
 
 def test_seed_command_parses_unchanged():
@@ -190,9 +191,9 @@ def test_cli_trains_and_reports_bad_input(tmp_path, syn_dir):
 
 
 def test_ff_parser_filters_are_not_decayed():
-    from guided_diffusion.script_util import create_model
+    from guided_diffusion.config import create_model
     model = create_model(ModelConfig(image_size=16, num_channels=8, num_res_blocks=1), DiffusionConfig())
-    groups = train_util.param_groups(model, 0.1)
+    groups = core.param_groups(model, 0.1)
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     ff = {id(p) for m in model.ff_parsers for p in m.parameters()}
     assert ff and {id(p) for p in groups[1]["params"]} == ff
@@ -203,21 +204,21 @@ def test_step_noise_slices_are_the_global_batch_and_drawn_per_sample():
     """Rank r of N draws exactly rows r*b..(r+1)*b-1 of what one process with the global batch draws, and only
     those; noise is standard normal, t uniform over the levels, and both change with the step."""
     cpu = torch.device("cpu")
-    t_all, n_all = train_util.step_noise(3, 5, 8, (1, 16, 16), 100, cpu)
+    t_all, n_all = core.step_noise(3, 5, 8, (1, 16, 16), 100, cpu)
     for world in (2, 4):
         b = 8 // world
-        parts = [train_util.step_noise(3, 5, b, (1, 16, 16), 100, cpu, rank, world) for rank in range(world)]
+        parts = [core.step_noise(3, 5, b, (1, 16, 16), 100, cpu, rank, world) for rank in range(world)]
         assert torch.equal(torch.cat([p[0] for p in parts]), t_all)
         assert torch.equal(torch.cat([p[1] for p in parts]), n_all)
-    t_next, n_next = train_util.step_noise(3, 6, 8, (1, 16, 16), 100, cpu)
+    t_next, n_next = core.step_noise(3, 6, 8, (1, 16, 16), 100, cpu)
     assert not torch.equal(n_next, n_all)
     # samples are independent N(0, 1): statistics of many draws
-    big = torch.cat([train_util.step_noise(0, s, 16, (1, 32, 32), 1000, cpu)[1] for s in range(8)])
+    big = torch.cat([core.step_noise(0, s, 16, (1, 32, 32), 1000, cpu)[1] for s in range(8)])
     assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
     rows = big.flatten(1)
     corr = torch.corrcoef(rows[:32])
     assert (corr - torch.eye(32)).abs().max() < 0.2  # 1/sqrt(1024) = 0.03 per pair; shared noise would be 1
-    ts = torch.cat([train_util.step_noise(0, s, 16, (1, 2, 2), 10, cpu)[0] for s in range(200)])
+    ts = torch.cat([core.step_noise(0, s, 16, (1, 2, 2), 10, cpu)[0] for s in range(200)])
     assert ts.min() == 0 and ts.max() == 9 and (torch.bincount(ts, minlength=10) > 240).all()
 
 
@@ -226,7 +227,7 @@ def test_ema_is_the_closed_form_moving_average():
     net = torch.nn.Linear(3, 2)
     net.register_buffer("count", torch.tensor(0))
     rate = 0.8
-    ema = train_util.EMA(net, rate)
+    ema = core.EMA(net, rate)
     history = [net.weight.detach().clone()]
     for k in range(1, 6):
         with torch.no_grad():

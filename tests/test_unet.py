@@ -5,14 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion.nn import norm_groups, timestep_embedding
-from guided_diffusion.unet import (
-    Condition,
-    FFParser,
-    MedSegDiffUNet,
-    default_channel_mult,
-    parse_attention_resolutions,
-)
+from guided_diffusion.network.nn import norm_groups, timestep_embedding
+from guided_diffusion.network.unet import (Condition, FFParser, MedSegDiffUNet, default_channel_mult,
+                                           parse_attention_resolutions)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

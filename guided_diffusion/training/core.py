@@ -28,13 +28,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from . import datasets
-from .checkpoint import (CheckpointError, capture_rng_state, find_latest, load_checkpoint, restore_rng_state,
-                         save_checkpoint)
-from .dist_util import DistInfo
-from .gaussian_diffusion import dice_bce_loss
-from .script_util import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, create_gaussian_diffusion,
-                          create_model, from_dict)
+from guided_diffusion.data import datasets
+from guided_diffusion.checkpoint import (CheckpointError, capture_rng_state, find_latest, load_checkpoint,
+                                         restore_rng_state, save_checkpoint)
+from guided_diffusion.distributed import DistInfo
+from guided_diffusion.diffusion.gaussian_diffusion import dice_bce_loss
+from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig,
+                                     create_gaussian_diffusion, create_model, from_dict)
 
 SPLIT_FILE = "split.json"
 LOG_FILE = "log.csv"

@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import benchmark, datasets, dist_util, figures
-from .checkpoint import atomic_write_bytes, find_latest
-from .predict import SampleConfig
-from .sampling import SAMPLERS
-from .script_util import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from guided_diffusion.reports import benchmark, figures
+from guided_diffusion.data import datasets
+from guided_diffusion import distributed
+from guided_diffusion.checkpoint import atomic_write_bytes, find_latest
+from guided_diffusion.sampling.pipeline import SampleConfig
+from guided_diffusion.sampling.samplers import SAMPLERS
+from guided_diffusion.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 
 
 @dataclass
@@ -45,9 +47,9 @@ class QuickstartConfig:
     num_workers: int = field(default=0, metadata={"help": "data-loading workers for training"})
 
 
-def train_model(cfg: QuickstartConfig, info: dist_util.DistInfo) -> Path:
+def train_model(cfg: QuickstartConfig, info: distributed.DistInfo) -> Path:
     """Train (or finish training) the quickstart's model in <out_dir>/model; returns its checkpoint."""
-    from .train_util import Trainer
+    from guided_diffusion.training.core import Trainer
 
     model_dir = Path(cfg.out_dir) / "model"
     Trainer(ModelConfig(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=1),
@@ -152,7 +154,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Path]:
     """Train, sample, evaluate, report; returns the paths it wrote (model, report, figures, sample folders)."""
     t0 = time.perf_counter()
     configs = _validate(cfg)
-    info = dist_util.setup(cfg.device)
+    info = distributed.setup(cfg.device)
     if info.distributed:
         raise ValueError("the quickstart runs as one process; use segmentation_train.py under torchrun")
     out = Path(cfg.out_dir)

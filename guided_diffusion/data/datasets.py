@@ -27,7 +27,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from . import synthetic
+from guided_diffusion.data import synthetic
 
 DATA_NAMES = ("ISIC", "KVASIR", "FOLDER", "SYNTHETIC")
 SPLITS = ("train", "val", "test")

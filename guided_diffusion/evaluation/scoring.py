@@ -1,7 +1,7 @@
 """Evaluate a folder of predicted masks against ground truth: pairing by id, loading, scoring, reports.
 
 Reads image files only (no model code). Ground truth comes either from a folder (``--out_pth``) or
-from a data set's own layout and split through :mod:`guided_diffusion.datasets`. The only files ever
+from a data set's own layout and split through :mod:`guided_diffusion.data.datasets`. The only files ever
 written are the two reports (default ``<inp_pth>/evaluation.csv`` and ``evaluation.json``; their names
 carry no image id, so the ISIC scorer still accepts the folder):
 
@@ -27,8 +27,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from guided_diffusion import metrics
-from guided_diffusion.datasets import DataError, list_pairs, load_mask
+from guided_diffusion.evaluation import metrics
+from guided_diffusion.data.datasets import DataError, list_pairs, load_mask
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 ISIC_ID = re.compile(r"ISIC_\d{7}")

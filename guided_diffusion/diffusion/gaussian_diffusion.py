@@ -188,7 +188,7 @@ class GaussianDiffusion:
         nll = nll.mean(dim=tuple(range(1, x_t.ndim))) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    # ----- reverse steps (the loops live in sampling.py) --------------------------------------------
+    # ----- reverse steps (the loops live in sampling/samplers.py) --------------------------------------------
     def p_sample_step(self, model_output, x_t, t, noise=None, clip_denoised: bool = True) -> StepOutput:
         """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2); no noise is added at t = 0."""
         p = self.p_mean_variance(model_output, x_t, t, clip_denoised)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .dist_util import DistInfo, set_cuda_speedups
-from .script_util import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from guided_diffusion.distributed import DistInfo, set_cuda_speedups
+from guided_diffusion.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 
 OPTIONS = ("bf16", "fp16", "channels_last", "compile", "tf32", "cudnn_benchmark")
 CUDA_ONLY = ("fp16", "tf32", "cudnn_benchmark")
@@ -139,7 +139,7 @@ def _unavailable(opts: frozenset[str], device: torch.device) -> str:
 
 
 def _trainer(cfg: BenchConfig, opts: frozenset[str], device: torch.device, out_dir: str, data_mode: str):
-    from .train_util import Trainer
+    from guided_diffusion.training.core import Trainer
 
     amp = "bf16" if "bf16" in opts else "fp16" if "fp16" in opts else "none"
     preload = cfg.train.preload if data_mode == "loader" else "False"  # memory mode reads one batch
@@ -152,8 +152,8 @@ def _trainer(cfg: BenchConfig, opts: frozenset[str], device: torch.device, out_d
 
 def measure_loader(cfg: BenchConfig, preload: bool, device: torch.device) -> BenchResult:
     """Images/s the training DataLoader supplies alone (no model): worker start and preloading are warm-up."""
-    from . import datasets
-    from .train_util import train_loader
+    from guided_diffusion.data import datasets
+    from guided_diffusion.training.core import train_loader
 
     res = BenchResult(f"preload {preload}", "loader_only")
     datasets.ensure_dataset(cfg.data.data_name, cfg.data.data_dir)

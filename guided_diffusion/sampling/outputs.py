@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from guided_diffusion.ensemble import threshold
+from guided_diffusion.sampling.ensemble import threshold
 
 try:
     import fcntl

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++", "sde-dpm_solver++")
 # the solver samplers and the dpm_solver algorithm each one runs

@@ -22,17 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import (
-    AttentionBlock,
-    Downsample,
-    LayerNorm2d,
-    ResBlock,
-    Upsample,
-    attention_heads,
-    normalization,
-    timestep_embedding,
-    zero_module,
-)
+from guided_diffusion.network.nn import (AttentionBlock, Downsample, LayerNorm2d, ResBlock, Upsample,
+                                         attention_heads, normalization, timestep_embedding, zero_module)
 
 __all__ = [
     "Condition",

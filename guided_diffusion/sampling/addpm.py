@@ -7,7 +7,7 @@ processes for medical image segmentation" (ADDPM; its precursor PD-DDPM is arXiv
   2. per ensemble member, jump forward to x_{pre_t} ~ q(x_{pre_t} | x0_pre), the marginal at exactly pre_t
      (DDPM eq. 4), x0_pre the thresholded pre-segmentation in [-1, 1] (the paper's; 2p - 1 with soft=True);
   3. run the reverse chain from x_{pre_t} down to x_{stop_t}: DDPM steps, DDIM, or DPM-Solver(++) over the
-     truncated interval t in [stop_t/N, pre_t/N] (sampling.py, SamplerSpec t_start/t_end);
+     truncated interval t in [stop_t/N, pre_t/N] (samplers.py, SamplerSpec t_start/t_end);
   4. one call of the denoiser (aux_nets.DenoiserNet) maps x_{stop_t} to the mask probabilities.
 Levels are DDPM's 1-based t: x_t has alpha_bar at the diffusion code's index t - 1, so the jump uses
 alpha_bar[pre_t - 1], the chain's first network call is at index pre_t - 1 and its last step lands on x_{stop_t}.
@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .aux_nets import DENOISER, PRESEG, LoadedAux, load_aux
-from .gaussian_diffusion import GaussianDiffusion
-from .sampling import CountingModel, EnsembleResult, NoiseSource, SAMPLER_FNS, SamplerSpec
-from .script_util import DiffusionConfig
+from guided_diffusion.network.aux_nets import DENOISER, PRESEG, LoadedAux, load_aux
+from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.sampling.samplers import CountingModel, EnsembleResult, NoiseSource, SAMPLER_FNS, SamplerSpec
+from guided_diffusion.config import DiffusionConfig
 
 HEAD = "head"
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .nn import Downsample, ResBlock, Upsample, normalization, timestep_embedding
-from .script_util import from_dict, parse_int_list
+from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
+from guided_diffusion.network.nn import Downsample, ResBlock, Upsample, normalization, timestep_embedding
+from guided_diffusion.config import from_dict, parse_int_list
 
 PRESEG, DENOISER = "preseg", "denoiser"
 KINDS = (PRESEG, DENOISER)
@@ -52,7 +52,7 @@ class AuxUNet(nn.Module):
 
     def __init__(self, cfg: AuxNetConfig, in_channels: int, image_channels: int = 3, timed: bool = False):
         super().__init__()
-        from .unet import default_channel_mult
+        from guided_diffusion.network.unet import default_channel_mult
 
         mult = parse_int_list(cfg.channel_mult, "--channel_mult") or default_channel_mult(cfg.image_size)
         if cfg.num_channels < 1 or cfg.num_res_blocks < 1:

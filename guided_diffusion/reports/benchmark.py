@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import datasets, figures
-from .evaluation import EvalOptions, evaluate
-from .outputs import MANIFEST
-from .predict import SampleConfig, addpm_levels, run_sampling
+from guided_diffusion.data import datasets
+from guided_diffusion.reports import figures
+from guided_diffusion.evaluation.scoring import EvalOptions, evaluate
+from guided_diffusion.sampling.outputs import MANIFEST
+from guided_diffusion.sampling.pipeline import SampleConfig, addpm_levels, run_sampling
 
 
 @dataclass

@@ -14,14 +14,16 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import addpm, datasets, dist_util
-from .aux_nets import DESCRIBE, checkpoint_kind
-from .checkpoint import CheckpointError, load_checkpoint
-from .ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
-from .gaussian_diffusion import GaussianDiffusion
-from .outputs import PredictionWriter
-from .sampling import SAMPLERS, SamplerSpec, image_seed, sample_ensemble
-from .script_util import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
+from guided_diffusion.sampling import addpm
+from guided_diffusion.data import datasets
+from guided_diffusion import distributed
+from guided_diffusion.network.aux_nets import DESCRIBE, checkpoint_kind
+from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
+from guided_diffusion.sampling.ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
+from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.sampling.outputs import PredictionWriter
+from guided_diffusion.sampling.samplers import SAMPLERS, SamplerSpec, image_seed, sample_ensemble
+from guided_diffusion.config import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
 
 SPLIT_FILE = "split.json"
 
@@ -308,7 +310,7 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
         bar.close()
         writer.close()
     # under torchrun: the totals over every rank's shard (each rank timed its own images)
-    done, skipped, total_s = dist_util.all_reduce_sum([len(todo), len(pairs) - len(todo), total_s], device)
+    done, skipped, total_s = distributed.all_reduce_sum([len(todo), len(pairs) - len(todo), total_s], device)
     return {"images": int(done), "skipped": int(skipped), "seconds": total_s, "nfe": nfe,
             "nfe_parts": nfe_parts, "sampler": label, "steps": spec.steps, "out_dir": str(out_dir),
             "addpm": {k: record_base[k] for k in ("pre_t", "stop_t", "preseg") if k in record_base}}

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import datasets
-from .checkpoint import atomic_write_bytes
+from guided_diffusion.data import datasets
+from guided_diffusion.checkpoint import atomic_write_bytes
 
 CELL_INCHES = 1.35  # side of one image in a grid
 MASK_CMAP, UNCERTAINTY_CMAP = "gray", "magma"

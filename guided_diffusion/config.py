@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .datasets import PRELOAD_HELP
+from guided_diffusion.data.datasets import PRELOAD_HELP
 
 
 def str2bool(value: str | bool) -> bool:
@@ -141,7 +141,7 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
 
 def create_model(model: ModelConfig, diffusion: DiffusionConfig):
     """The one model factory: a MedSegDiffUNet from the configs."""
-    from .unet import MedSegDiffUNet, default_channel_mult, parse_attention_resolutions
+    from guided_diffusion.network.unet import MedSegDiffUNet, default_channel_mult, parse_attention_resolutions
 
     validate(model, diffusion)
     mult = parse_int_list(model.channel_mult, "--channel_mult") or default_channel_mult(model.image_size)
@@ -162,7 +162,7 @@ def create_model(model: ModelConfig, diffusion: DiffusionConfig):
 
 def create_gaussian_diffusion(cfg: DiffusionConfig):
     """The one diffusion factory."""
-    from .gaussian_diffusion import create_diffusion
+    from guided_diffusion.diffusion.gaussian_diffusion import create_diffusion
 
     return create_diffusion(cfg.diffusion_steps, cfg.noise_schedule, cfg.learn_sigma,
                             cfg.rescale_learned_sigmas, cfg.rescale_timesteps)

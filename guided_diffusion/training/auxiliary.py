@@ -1,6 +1,6 @@
 """Training of ADDPM's auxiliary networks (pre-segmentation and one-step denoiser) on the diffusion model's data.
 
-Same conventions as the diffusion trainer (train_util.py): the same data sets and split file
+Same conventions as the diffusion trainer (training/core.py): the same data sets and split file
 (<out_dir>/split.json, or with --split_from the diffusion run's own split, so no image the diffusion model is
 tested on is trained on), self-describing atomic checkpoints (checkpoint.py, plus a "kind" key), exact resume
 (data order, augmentation and noise are functions of (seed, step): StepSampler, SeededItems), EMA weights
@@ -23,15 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import datasets
-from .aux_nets import DENOISER, DESCRIBE, KINDS, AuxNetConfig, build_network, checkpoint_kind
-from .checkpoint import CheckpointError, capture_rng_state, find_latest, load_checkpoint, \
-    save_checkpoint
-from .gaussian_diffusion import create_diffusion, dice_bce_loss, get_named_beta_schedule
-from .script_util import DataConfig, add_dataclass_args
-from .dist_util import DistInfo
-from .train_util import EMA, SPLIT_FILE, RunLogger, TrainingDiverged, _mix, amp_dtype, restore_training_state, \
-    step_noise, train_loader
+from guided_diffusion.data import datasets
+from guided_diffusion.network.aux_nets import DENOISER, DESCRIBE, KINDS, AuxNetConfig, build_network, checkpoint_kind
+from guided_diffusion.checkpoint import (CheckpointError, capture_rng_state, find_latest, load_checkpoint,
+                                         save_checkpoint)
+from guided_diffusion.diffusion.gaussian_diffusion import create_diffusion, dice_bce_loss, get_named_beta_schedule
+from guided_diffusion.config import DataConfig, add_dataclass_args
+from guided_diffusion.distributed import DistInfo
+from guided_diffusion.training.core import (EMA, SPLIT_FILE, RunLogger, TrainingDiverged, _mix, amp_dtype,
+                                            restore_training_state, step_noise, train_loader)
 
 
 @dataclass
@@ -331,7 +331,7 @@ class AuxTrainer:
 
 def train_aux(kind: str, flags: dict) -> Path | None:
     """Plan and run one training of an auxiliary network from parsed flags; the last checkpoint's path."""
-    from .dist_util import resolve_device
+    from guided_diffusion.distributed import resolve_device
 
     run = plan_run(kind, flags)
     return AuxTrainer(run, resolve_device(run.train.device)).run()

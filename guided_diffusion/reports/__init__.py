@@ -1,0 +1,1 @@
+"""Reports: the sampling and training benchmarks, the quickstart and the figures they draw."""
