@@ -1,11 +1,12 @@
-"""Self-describing checkpoints: weights, EMA, optimizer, scaler, step, RNG states, config and split.
+"""Self-describing checkpoints: weights, EMA, optimizer, scaler, step, RNG states, config, split and kind.
 
-Files are written to a temporary name and renamed, so a crash never leaves a half-written checkpoint;
-`<out_dir>/latest` names the newest complete one.
+Files are written to a temporary name and renamed (fileio.atomic_write), so a crash never leaves a half-written
+checkpoint; `<out_dir>/latest` names the newest complete one. Every checkpoint says what it holds ("kind": a
+diffusion model, or one of ADDPM's auxiliary networks; checkpoints without the key are diffusion models), so one
+kind is never loaded as another.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -13,39 +14,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from guided_diffusion.fileio import atomic_write
+from guided_diffusion.layout import CHECKPOINT_GLOB, LATEST, checkpoint_name
+
 FORMAT = "medsegdiff-fast/1"
-LATEST = "latest"
+DIFFUSION = "diffusion"
+DESCRIBE = {DIFFUSION: "diffusion model", "preseg": "pre-segmentation network", "denoiser": "denoising network"}
+TRAIN_SCRIPT = {DIFFUSION: "scripts/segmentation_train.py", "preseg": "scripts/train_preseg_network.py",
+                "denoiser": "scripts/train_denoising_network.py"}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or not one of ours (one-line message naming the file)."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"model_{step:07d}.pt"
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(tmp_path) and rename the result to `path` (same folder, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """A checkpoint that is missing, unreadable, of the wrong kind, or not one of ours (one line naming the file)."""
 
 
 def save_checkpoint(out_dir: Path, step: int, payload: dict[str, Any], keep: int = 0) -> Path:
     """Write model_<step>.pt atomically, point `latest` at it, and drop all but the `keep` newest."""
     out_dir = Path(out_dir)
     path = out_dir / checkpoint_name(step)
-    atomic_write_bytes(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
-    atomic_write_bytes(out_dir / LATEST, lambda tmp: tmp.write_text(path.name + "\n"))
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+    atomic_write(out_dir / LATEST, path.name + "\n")
     if keep > 0:
-        for old in sorted(out_dir.glob("model_*.pt"))[:-keep]:
+        for old in sorted(out_dir.glob(CHECKPOINT_GLOB))[:-keep]:
             old.unlink()
     return path
 
@@ -58,28 +48,52 @@ def find_latest(out_dir: Path) -> Path | None:
         candidate = out_dir / pointer.read_text().strip()
         if candidate.is_file():
             return candidate
-    found = sorted(out_dir.glob("model_*.pt"))
+    found = sorted(out_dir.glob(CHECKPOINT_GLOB))
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path | str, map_location="cpu") -> dict[str, Any]:
-    """Read a checkpoint (a file, or a run folder whose latest is taken); CheckpointError if it is not ours."""
+def checkpoint_kind(ckpt: dict) -> str:
+    """'diffusion', 'preseg' or 'denoiser' (a checkpoint without a kind is a diffusion model's)."""
+    return ckpt.get("kind", DIFFUSION)
+
+
+def load_checkpoint(path: Path | str, flag: str = "--model_path", kind: str | None = None, hint: str = "",
+                    map_location="cpu") -> dict[str, Any]:
+    """Read a checkpoint (a file, or a run folder whose latest is taken). Every error is a CheckpointError whose
+    one line names `flag`, the flag the path came from; with `kind`, a checkpoint of another kind is one too
+    (ending with `hint`, by default the script that trains the right kind)."""
     path = Path(path)
     if path.is_dir():
         latest = find_latest(path)
         if latest is None:
-            raise CheckpointError(f"--model_path {path}: folder holds no model_*.pt checkpoint")
+            raise CheckpointError(f"{flag} {path}: folder holds no model_*.pt checkpoint")
         path = latest
     if not path.is_file():
-        raise CheckpointError(f"--model_path {path}: no such file")
+        raise CheckpointError(f"{flag} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt, truncated, or not a torch file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise CheckpointError(f"{flag} {path}: not a readable checkpoint ({type(exc).__name__}: {exc})"
+                              .splitlines()[0]) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint of this toolkit (no '{FORMAT}' format tag)")
+        raise CheckpointError(f"{flag} {path}: not a checkpoint of this toolkit (no '{FORMAT}' format tag)")
     ckpt["path"] = str(path)
+    found = checkpoint_kind(ckpt)
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{flag} {path} is a {DESCRIBE.get(found, found)} checkpoint, not a {DESCRIBE[kind]} "
+                              f"one; {hint or 'train that with ' + TRAIN_SCRIPT[kind]}")
     return ckpt
+
+
+def check_flags(given: dict[str, Any], saved: dict[str, Any], where: str, hint: str = "",
+                skip: tuple[str, ...] = ()) -> None:
+    """A flag that contradicts a checkpoint is a one-line error, never a silent mismatch: every key of `given`
+    with a value (None: not given) must equal `saved`'s, unless the key is in `skip` or unknown to `saved`."""
+    for key, value in given.items():
+        if value is None or key in skip or key not in saved or saved[key] == value:
+            continue
+        extra = hint(key) if callable(hint) else hint
+        raise ValueError(f"--{key} {value} contradicts {where} ({saved[key]})" + (f"; {extra}" if extra else ""))
 
 
 # ----- RNG state, as tensors and plain values so checkpoints load with weights_only=True ----------

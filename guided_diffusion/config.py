@@ -60,18 +60,20 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The optimisation run."""
+class RunConfig:
+    """The optimisation run, as every trainer has it (training/core.py); the defaults are the diffusion model's."""
     out_dir: str = field(default="runs/train", metadata={"help": "where checkpoints, logs and the split go"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=16, metadata={"help": "images per step (per process under torchrun)"})
     max_steps: int = field(default=50000, metadata={"help": "training stops after this many steps"})
+    max_minutes: float = field(default=0.0, metadata={"help": "training also stops, with a final checkpoint, once it "
+                                                              "has trained this many minutes in all (resumed runs "
+                                                              "add up; 0: no time limit)"})
     save_interval: int = field(default=5000, metadata={"help": "steps between checkpoints"})
     log_interval: int = field(default=100, metadata={"help": "steps between log rows"})
     keep_checkpoints: int = field(default=3, metadata={"help": "how many recent checkpoints to keep (0: all)"})
     ema_rate: float = field(default=0.9999, metadata={"help": "EMA decay of the weights used for sampling"})
-    cal_weight: float = field(default=1.0, metadata={"help": "weight of the image-encoder Dice+BCE head loss"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     seed: int = field(default=0, metadata={"help": "random seed of the run"})
     resume: str = field(default="auto", metadata={"help": "auto (latest in --out_dir), none, or a checkpoint path"})
@@ -82,6 +84,33 @@ class TrainConfig:
     preload: str = field(default="auto", metadata={"help": PRELOAD_HELP})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     augment: bool = field(default=True, metadata={"help": "joint flips/rotation/crop/colour augmentation"})
+
+    def validate(self) -> None:
+        """Impossible settings are a one-line error naming the flag, before anything is written."""
+        from guided_diffusion.data.datasets import preload_choice
+
+        for name in ("max_steps", "batch_size", "save_interval", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_minutes", "grad_clip", "weight_decay", "keep_checkpoints", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_rate < 1.0:
+            raise ValueError(f"--ema_rate must be in [0, 1), got {self.ema_rate}")
+        preload_choice(self.preload)
+
+
+def with_default(base, name: str, default):
+    """A dataclass field that re-declares `base`'s field `name` with another default and the same help."""
+    return field(default=default, metadata=dict(base.__dataclass_fields__[name].metadata))
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """The diffusion model's optimisation run: the common run settings and the calibration-head weight."""
+    cal_weight: float = field(default=1.0, metadata={"help": "weight of the image-encoder Dice+BCE head loss"})
 
 
 def _arg_type(f: dataclasses.Field):

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion.reports import benchmark  # noqa: E402
 from guided_diffusion import distributed  # noqa: E402
-from guided_diffusion.checkpoint import atomic_write_bytes, load_checkpoint  # noqa: E402
+from guided_diffusion.checkpoint import load_checkpoint  # noqa: E402
+from guided_diffusion.fileio import atomic_write  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
 from guided_diffusion.sampling.pipeline import SampleConfig  # noqa: E402
 from guided_diffusion.config import str2bool  # noqa: E402
@@ -97,8 +98,8 @@ def main(argv=None) -> None:
         lines += ["", "figures: " + ", ".join(str(m) for m in made)]
     text = "\n".join(lines) + "\n"
     out_root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_root / "benchmark.md", lambda tmp: tmp.write_text(text))
-    atomic_write_bytes(out_root / "benchmark.csv", lambda tmp: tmp.write_text(benchmark.to_csv(rows)))
+    atomic_write(out_root / "benchmark.md", text)
+    atomic_write(out_root / "benchmark.csv", benchmark.to_csv(rows))
     print(text + f"written: {out_root / 'benchmark.md'}, {out_root / 'benchmark.csv'}")
 
 

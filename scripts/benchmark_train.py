@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guided_diffusion.data import datasets  # noqa: E402
 from guided_diffusion import distributed  # noqa: E402
 from guided_diffusion.reports import train_speed  # noqa: E402
-from guided_diffusion.checkpoint import atomic_write_bytes  # noqa: E402
+from guided_diffusion.fileio import atomic_write  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
 from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, add_dataclass_args,
                                      from_namespace)
@@ -60,8 +60,8 @@ def main(argv=None) -> None:
     text = f"{train_speed.describe(cfg, device)}\ncommand: {command}\n\n{train_speed.to_markdown(rows)}\n"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "benchmark_train.md", lambda tmp: tmp.write_text(text))
-    atomic_write_bytes(out / "benchmark_train.csv", lambda tmp: tmp.write_text(train_speed.to_csv(rows)))
+    atomic_write(out / "benchmark_train.md", text)
+    atomic_write(out / "benchmark_train.csv", train_speed.to_csv(rows))
     print("\n" + text + f"written: {out / 'benchmark_train.md'}, {out / 'benchmark_train.csv'}")
 
 

@@ -26,11 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from guided_diffusion.training.core import Trainer
+    from guided_diffusion.training.diffusion import DiffusionTrainer
 
     info = distributed.setup(args.device)
     with distributed.worker(info):  # an error on one rank is recorded for torchrun, which then stops them all
-        Trainer(from_namespace(ModelConfig, args), from_namespace(DiffusionConfig, args),
+        DiffusionTrainer(from_namespace(ModelConfig, args), from_namespace(DiffusionConfig, args),
                 from_namespace(DataConfig, args), from_namespace(TrainConfig, args), info).run()
 
 

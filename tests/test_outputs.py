@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from guided_diffusion import fileio
 from guided_diffusion.sampling import outputs
 from guided_diffusion.sampling.outputs import PredictionWriter, atomic_write_png, overlay, resize_prob, to_uint8
 
@@ -20,7 +21,7 @@ def read_png(path) -> np.ndarray:
 
 def temp_files(root):
     """Every leftover temporary file under root."""
-    return [p for p in root.rglob("*") if p.name.startswith(outputs.TMP_PREFIX)]
+    return [p for p in root.rglob("*") if p.name.startswith(fileio.TMP_PREFIX)]
 
 
 def record(id: str, **extra) -> dict:
@@ -74,7 +75,7 @@ def test_atomic_write_png_failure_keeps_old_file_and_removes_temp(tmp_path, monk
 
 def test_temp_names_never_hold_digits(tmp_path):
     for _ in range(200):
-        name = outputs._tmp_path(tmp_path).name
+        name = fileio._new_tmp(tmp_path).name
         assert name.startswith(".") and not re.search(r"\d", name) and not name.endswith(".png")
 
 

@@ -7,6 +7,8 @@ import torch
 
 from guided_diffusion.diffusion import gaussian_diffusion
 from guided_diffusion.training import core
+from guided_diffusion.training import diffusion as diffusion_training
+from guided_diffusion.training.diffusion import DiffusionTrainer
 from guided_diffusion.checkpoint import find_latest, load_checkpoint
 from guided_diffusion.distributed import DistInfo
 from guided_diffusion.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
@@ -44,7 +46,7 @@ def states_equal(a: dict, b: dict) -> bool:
 
 
 def test_checkpoint_is_self_describing(tmp_path, syn_dir):
-    core.Trainer(*tiny(tmp_path, syn_dir), CPU).run()
+    DiffusionTrainer(*tiny(tmp_path, syn_dir), CPU).run()
     ckpt = load_checkpoint(find_latest(tmp_path))
     assert ckpt["step"] == 4 and Path(ckpt["path"]).name == "model_0000004.pt"
     for key in ("model", "ema", "optimizer", "scaler", "rng", "config", "split"):
@@ -56,12 +58,12 @@ def test_checkpoint_is_self_describing(tmp_path, syn_dir):
 
 
 def test_resume_ends_with_same_weights_as_uninterrupted_run(tmp_path, syn_dir):
-    straight = core.Trainer(*tiny(tmp_path / "a", syn_dir, max_steps=6), CPU)
+    straight = DiffusionTrainer(*tiny(tmp_path / "a", syn_dir, max_steps=6), CPU)
     straight.run()
     cfg = tiny(tmp_path / "b", syn_dir, max_steps=3)
-    core.Trainer(*cfg, CPU).run()
+    DiffusionTrainer(*cfg, CPU).run()
     cfg[3].max_steps = 6
-    resumed = core.Trainer(*cfg, CPU)
+    resumed = DiffusionTrainer(*cfg, CPU)
     assert resumed.step == 3
     resumed.run()
     assert states_equal(straight.model.state_dict(), resumed.model.state_dict())
@@ -69,25 +71,25 @@ def test_resume_ends_with_same_weights_as_uninterrupted_run(tmp_path, syn_dir):
     sa, sb = straight.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
     assert all(states_equal(sa[k], sb[k]) for k in sa)
     # and training actually moved the weights
-    fresh = core.Trainer(*tiny(tmp_path / "c", syn_dir, max_steps=6), CPU)
+    fresh = DiffusionTrainer(*tiny(tmp_path / "c", syn_dir, max_steps=6), CPU)
     assert not states_equal(fresh.model.state_dict(), straight.model.state_dict())
 
 
 def test_learn_sigma_false_trains(tmp_path, syn_dir):
-    t = core.Trainer(*tiny(tmp_path, syn_dir, learn_sigma=False, max_steps=2), CPU)
+    t = DiffusionTrainer(*tiny(tmp_path, syn_dir, learn_sigma=False, max_steps=2), CPU)
     t.run()
     assert t.model.out_channels == 1
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, syn_dir, monkeypatch):
-    trainer = core.Trainer(*tiny(tmp_path, syn_dir, max_steps=6), CPU)
+    trainer = DiffusionTrainer(*tiny(tmp_path, syn_dir, max_steps=6), CPU)
     real = gaussian_diffusion.dice_bce_loss
 
     def poisoned(logits, target):
         out = real(logits, target)
         return out * float("nan") if trainer.step >= 3 else out
 
-    monkeypatch.setattr(core, "dice_bce_loss", poisoned)
+    monkeypatch.setattr(diffusion_training, "dice_bce_loss", poisoned)
     with pytest.raises(core.TrainingDiverged, match="model_0000002.pt"):
         trainer.run()
     assert find_latest(tmp_path).name == "model_0000002.pt"
@@ -113,7 +115,7 @@ def test_preloaded_training_equals_decoding_every_step(tmp_path):
         mc, dc, data, tc = tiny(tmp_path / name, tmp_path / "data", max_steps=3, preload=preload,
                                 num_workers=workers)
         data = DataConfig(data_name="FOLDER", data_dir=str(tmp_path / "data"))
-        runs.append(core.Trainer(mc, dc, data, tc, CPU))
+        runs.append(DiffusionTrainer(mc, dc, data, tc, CPU))
         assert (runs[-1].loader.dataset.base._cache is not None) == (preload == "True")
         runs[-1].run()
     assert states_equal(runs[0].model.state_dict(), runs[1].model.state_dict())
@@ -123,11 +125,11 @@ def test_compile_traces_the_training_step_whole_and_trains_the_same(tmp_path, sy
     """--compile hands the (DDP-)wrapped network to torch.compile; dynamo must capture the forward as one graph
     with no graph breaks (a break splits the kernels the GPU would fuse)."""
     asked, counters = eager_compile
-    eager = core.Trainer(*tiny(tmp_path / "eager", syn_dir, max_steps=3), CPU)
+    eager = DiffusionTrainer(*tiny(tmp_path / "eager", syn_dir, max_steps=3), CPU)
     eager.run()
-    compiled = core.Trainer(*tiny(tmp_path / "compiled", syn_dir, max_steps=3, compile=True), CPU)
+    compiled = DiffusionTrainer(*tiny(tmp_path / "compiled", syn_dir, max_steps=3, compile=True), CPU)
     compiled.run()
-    assert asked == [compiled.model] and compiled.ddp is not compiled.model
+    assert asked == [compiled.model] and compiled.wrapped is not compiled.model
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert states_equal(eager.model.state_dict(), compiled.model.state_dict())
 
@@ -150,10 +152,10 @@ def test_step_sampler_shards_the_global_batch():
 
 def test_resume_with_contradicting_flag_is_an_error(tmp_path, syn_dir):
     mc, dc, data, tc = tiny(tmp_path, syn_dir, max_steps=2)
-    core.Trainer(mc, dc, data, tc, CPU).run()
+    DiffusionTrainer(mc, dc, data, tc, CPU).run()
     mc.num_channels = 16
     with pytest.raises(ValueError, match="--num_channels 16 contradicts"):
-        core.Trainer(mc, dc, data, tc, CPU)
+        DiffusionTrainer(mc, dc, data, tc, CPU)
 
 
 def test_seed_command_parses_unchanged():

@@ -31,7 +31,7 @@ from guided_diffusion.data import synthetic
 
 DATA_NAMES = ("ISIC", "KVASIR", "FOLDER", "SYNTHETIC")
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # every reader of image folders
 MASK_SUFFIXES = ("_segmentation", "_mask")  # matched case-insensitively: _Segmentation, _Mask too
 IGNORED_SUFFIXES = ("_superpixels",)  # ISIC 2017 ships superpixel maps beside the images
 LOSSLESS_EXTS = (".png", ".bmp", ".tif", ".tiff")
@@ -66,10 +66,10 @@ def _examples(names: Iterable[str]) -> str:
     return head + (f" and {len(names) - _SHOW} more" if len(names) > _SHOW else "")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files directly in ``folder`` (no hidden/AppleDouble files, no ISIC superpixel maps)."""
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (no subfolders, hidden/AppleDouble files or ISIC superpixel maps)."""
     return sorted(
-        p for p in folder.iterdir()
+        p for p in Path(folder).iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS
         and not p.stem.lower().endswith(IGNORED_SUFFIXES)
     )
@@ -135,7 +135,7 @@ def _folder_pairs(data_dir: Path) -> list[Pair]:
     """FOLDER / KVASIR / SYNTHETIC layout: ``images/`` and ``masks/`` paired by file stem."""
     image_dir = _require_dir(data_dir / "images", "images/ folder")
     mask_dir = _require_dir(data_dir / "masks", "masks/ folder")
-    return _pair_files(_image_files(image_dir), _image_files(mask_dir), image_dir, mask_dir)
+    return _pair_files(image_files(image_dir), image_files(mask_dir), image_dir, mask_dir)
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,8 @@ def _read_id_csv(table: Path) -> list[str]:
 
 def _csv_pairs(part: _IsicPart) -> list[Pair]:
     """Pairs listed by an ISIC 2016 CSV; a listed id whose image or mask file is absent is an error."""
-    images = _index_by_stem(_split_masks(_image_files(part.image_dir))[0], part.image_dir)
-    masks = {_mask_id(p.stem): p for p in _image_files(part.mask_dir) if _mask_id(p.stem)}
+    images = _index_by_stem(_split_masks(image_files(part.image_dir))[0], part.image_dir)
+    masks = {_mask_id(p.stem): p for p in image_files(part.mask_dir) if _mask_id(p.stem)}
     pairs = []
     for row, sample_id in enumerate(_read_id_csv(part.csv), start=1):
         if sample_id not in images:
@@ -228,14 +228,14 @@ def _part_pairs(part: _IsicPart) -> list[Pair]:
     """Pairs of one ISIC part: from its CSV when there is one, else by pairing the files."""
     if part.csv is not None:
         return _csv_pairs(part)
-    files = _image_files(part.image_dir)
+    files = image_files(part.image_dir)
     if part.mask_dir == part.image_dir:
         images, masks = _split_masks(files)
         if not masks:
             raise DataError(f"no ground truth for {part.image_dir}: expected a matching *_GroundTruth folder "
                             "or ISIC_<id>_Segmentation.png masks beside the images")
         return _pair_files(images, masks, part.image_dir, part.mask_dir)
-    return _pair_files(_split_masks(files)[0], _image_files(part.mask_dir), part.image_dir, part.mask_dir)
+    return _pair_files(_split_masks(files)[0], image_files(part.mask_dir), part.image_dir, part.mask_dir)
 
 
 def _isic_pairs(data_dir: Path) -> tuple[list[Pair], dict[str, list[str]] | None]:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,14 +26,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from guided_diffusion.evaluation import metrics
-from guided_diffusion.data.datasets import DataError, list_pairs, load_mask
+from guided_diffusion.data.datasets import IMAGE_EXTS, DataError, image_files, list_pairs, load_mask
+from guided_diffusion.fileio import atomic_write
+from guided_diffusion.layout import EVAL_CSV, EVAL_JSON
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 ISIC_ID = re.compile(r"ISIC_\d{7}")
 MASK_SUFFIX = re.compile(r"_(segmentation|mask)$", re.IGNORECASE)
 SPLIT_DATA_SETS = ("KVASIR", "FOLDER", "SYNTHETIC")  # data sets whose test split is drawn, not given
-DEFAULT_CSV = "evaluation.csv"  # no image id in these names: the ISIC scorer matches ids in file names
-DEFAULT_JSON = "evaluation.json"
+DEFAULT_CSV, DEFAULT_JSON = EVAL_CSV, EVAL_JSON  # no image id in these names: the ISIC scorer matches ids in names
 PROB_DIR, UNC_DIR = "prob", "uncertainty"
 PROGRESS_MIN_IMAGES = 20
 EXTRA_METRICS = ("ece", "unc_error_dice")
@@ -102,14 +100,6 @@ class EvalResult:
 # ---------------------------------------------------------------- ids and files
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Top-level, non-hidden image files of a folder (subfolders, CSV and JSON files are never masks)."""
-    return sorted(
-        p for p in Path(folder).iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
 def file_id(name: str, isic: bool) -> str | None:
     """Pairing id of a file name: its ISIC_<7 digits> when isic, else the stem less a mask suffix."""
     if isic:
@@ -143,7 +133,7 @@ def ground_truth_from_folder(gt_dir: Path) -> tuple[dict[str, Path], bool, list[
     """
     files = image_files(_require_dir(gt_dir, "--out_pth"))
     if not files:
-        raise EvaluationError(f"--out_pth: no ground-truth masks ({'/'.join(sorted(IMAGE_SUFFIXES))}) in {gt_dir}")
+        raise EvaluationError(f"--out_pth: no ground-truth masks ({'/'.join(sorted(IMAGE_EXTS))}) in {gt_dir}")
     notes = []
     masked = {MASK_SUFFIX.sub("", p.stem) for p in files if MASK_SUFFIX.search(p.stem)}
     images = [p for p in files if not MASK_SUFFIX.search(p.stem) and p.stem in masked]
@@ -206,7 +196,7 @@ def pair_predictions(pred_dir: Path, gt: dict[str, Path], isic: bool, allow_miss
     pred_dir = _require_dir(pred_dir, "--inp_pth")
     files = image_files(pred_dir)
     if not files:
-        raise EvaluationError(f"--inp_pth: no prediction masks ({'/'.join(sorted(IMAGE_SUFFIXES))}) in {pred_dir}")
+        raise EvaluationError(f"--inp_pth: no prediction masks ({'/'.join(sorted(IMAGE_EXTS))}) in {pred_dir}")
     ids = [(file_id(p.name, isic), p) for p in files]
     preds = _unique_ids([(k, p) for k, p in ids if k in gt], "predictions")
     ignored = sorted(p.name for k, p in ids if k not in gt)
@@ -383,25 +373,12 @@ def _json_safe(obj):
     return obj
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".evaluation-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_reports(table: pd.DataFrame, summary: dict, csv_path: Path, json_path: Path) -> None:
     """The per-image CSV (NaN written as NaN) and the JSON summary (NaN written as null)."""
     for path, text in ((csv_path, table.to_csv(index=False, na_rep="NaN")),
                        (json_path, json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")):
         try:
-            write_atomic(path, text)
+            atomic_write(path, text)
         except OSError as e:
             raise EvaluationError(f"cannot write {path}: {e.strerror or e}") from None
 

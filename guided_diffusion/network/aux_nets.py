@@ -20,14 +20,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
+from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.network.nn import Downsample, ResBlock, Upsample, normalization, timestep_embedding
 from guided_diffusion.config import from_dict, parse_int_list
 
 PRESEG, DENOISER = "preseg", "denoiser"
 KINDS = (PRESEG, DENOISER)
-TRAIN_SCRIPT = {PRESEG: "scripts/train_preseg_network.py", DENOISER: "scripts/train_denoising_network.py"}
-DESCRIBE = {PRESEG: "pre-segmentation network", DENOISER: "denoising network", "diffusion": "diffusion model"}
 
 
 @dataclass
@@ -145,24 +143,6 @@ def build_network(kind: str, cfg: AuxNetConfig) -> AuxUNet:
     return PresegNet(cfg) if kind == PRESEG else DenoiserNet(cfg)
 
 
-def checkpoint_kind(ckpt: dict) -> str:
-    """'preseg', 'denoiser', or 'diffusion' for a diffusion model's checkpoint (which carries no kind)."""
-    return ckpt.get("kind", "diffusion")
-
-
-def load_aux_checkpoint(path: str | Path, kind: str, flag: str) -> dict:
-    """Read a checkpoint of the given kind; any other kind is a one-line error naming `flag`."""
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise CheckpointError(str(exc).replace("--model_path", flag)) from None
-    found = checkpoint_kind(ckpt)
-    if found != kind:
-        raise CheckpointError(f"{flag} {ckpt['path']} is a {DESCRIBE.get(found, found)} checkpoint, not a "
-                              f"{DESCRIBE[kind]} one (train that with {TRAIN_SCRIPT[kind]})")
-    return ckpt
-
-
 @dataclass
 class LoadedAux:
     """An auxiliary network ready to run, with the checkpoint it came from."""
@@ -174,7 +154,7 @@ class LoadedAux:
 def load_aux(path: str | Path, kind: str, device: torch.device, use_ema: bool = True,
              flag: str = "--model_path") -> LoadedAux:
     """Build the network from its checkpoint's config and load its (EMA) weights, in eval mode."""
-    ckpt = load_aux_checkpoint(path, kind, flag)
+    ckpt = load_checkpoint(path, flag, kind=kind)
     cfg = from_dict(AuxNetConfig, ckpt["config"]["net"])
     net = build_network(kind, cfg)
     net.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])

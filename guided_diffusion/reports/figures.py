@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from guided_diffusion.data import datasets
-from guided_diffusion.checkpoint import atomic_write_bytes
+from guided_diffusion.fileio import atomic_write
 
 CELL_INCHES = 1.35  # side of one image in a grid
 MASK_CMAP, UNCERTAINTY_CMAP = "gray", "magma"
@@ -46,7 +46,7 @@ def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
+    atomic_write(path, buf.getvalue())
     return path
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from guided_diffusion.reports import benchmark, figures
 from guided_diffusion.data import datasets
 from guided_diffusion import distributed
-from guided_diffusion.checkpoint import atomic_write_bytes, find_latest
+from guided_diffusion.checkpoint import find_latest
+from guided_diffusion.fileio import atomic_write
 from guided_diffusion.sampling.pipeline import SampleConfig
 from guided_diffusion.sampling.samplers import SAMPLERS
 from guided_diffusion.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
@@ -49,10 +50,10 @@ class QuickstartConfig:
 
 def train_model(cfg: QuickstartConfig, info: distributed.DistInfo) -> Path:
     """Train (or finish training) the quickstart's model in <out_dir>/model; returns its checkpoint."""
-    from guided_diffusion.training.core import Trainer
+    from guided_diffusion.training.diffusion import DiffusionTrainer
 
     model_dir = Path(cfg.out_dir) / "model"
-    Trainer(ModelConfig(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=1),
+    DiffusionTrainer(ModelConfig(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=1),
             DiffusionConfig(diffusion_steps=cfg.diffusion_steps),
             DataConfig(data_name=cfg.data_name, data_dir=cfg.data_dir),
             TrainConfig(out_dir=str(model_dir), lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.train_steps,
@@ -107,7 +108,7 @@ def write_report(cfg: QuickstartConfig, ckpt: Path, rows: list[benchmark.BenchRo
                   "every member and the fusion. 95% CI: percentile bootstrap of the mean Dice.", "",
               "## Figures", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in made]
     path = out / "report.md"
-    atomic_write_bytes(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 

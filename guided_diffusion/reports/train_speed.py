@@ -139,7 +139,7 @@ def _unavailable(opts: frozenset[str], device: torch.device) -> str:
 
 
 def _trainer(cfg: BenchConfig, opts: frozenset[str], device: torch.device, out_dir: str, data_mode: str):
-    from guided_diffusion.training.core import Trainer
+    from guided_diffusion.training.diffusion import DiffusionTrainer
 
     amp = "bf16" if "bf16" in opts else "fp16" if "fp16" in opts else "none"
     preload = cfg.train.preload if data_mode == "loader" else "False"  # memory mode reads one batch
@@ -147,7 +147,7 @@ def _trainer(cfg: BenchConfig, opts: frozenset[str], device: torch.device, out_d
                  channels_last="channels_last" in opts, compile="compile" in opts, device=str(device))
     if device.type == "cuda":
         set_cuda_speedups(tf32="tf32" in opts, cudnn_benchmark="cudnn_benchmark" in opts)
-    return Trainer(cfg.model, cfg.diffusion, cfg.data, tc, DistInfo(0, 1, 0, device))
+    return DiffusionTrainer(cfg.model, cfg.diffusion, cfg.data, tc, DistInfo(0, 1, 0, device))
 
 
 def measure_loader(cfg: BenchConfig, preload: bool, device: torch.device) -> BenchResult:

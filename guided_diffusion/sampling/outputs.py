@@ -1,4 +1,4 @@
-"""Writing the sampler's prediction folder (contract in DESIGN.md, "Predictions").
+"""Writing the sampler's prediction folder (the README's "Sample" section; layout.py).
 
 Layout under out_dir:
     <id>.png               binary mask, 0/255 8-bit grayscale, at the source image's original size
@@ -21,8 +21,6 @@ import contextlib
 import csv
 import io
 import os
-import secrets
-import string
 import time
 from pathlib import Path
 
@@ -32,6 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from guided_diffusion.fileio import atomic_write
+from guided_diffusion.layout import MANIFEST, OVERLAY_DIR, PROB_DIR, UNCERTAINTY_DIR, prediction_paths
 from guided_diffusion.sampling.ensemble import threshold
 
 try:
@@ -40,39 +40,11 @@ except ImportError:  # Windows: no advisory locks; one writer per folder is then
     fcntl = None
 
 REQUIRED_COLUMNS = ("id", "sampler", "steps", "nfe", "seconds")
-MANIFEST = "manifest.csv"
-SUBDIRS = ("prob", "uncertainty", "overlays")
-TMP_PREFIX = ".tmp-"
+SUBDIRS = (PROB_DIR, UNCERTAINTY_DIR, OVERLAY_DIR)
 
 CONTOUR_RGB = (0, 255, 0)  # bright green: visible on skin and on colonoscopy mucosa
 UNCERTAINTY_RGB = (255, 0, 255)  # magenta tint where the ensemble disagrees
 UNCERTAINTY_ALPHA = 0.6  # tint opacity at uncertainty 1 (linear in the uncertainty)
-
-
-def _tmp_path(folder: Path) -> Path:
-    """A fresh hidden name in `folder` made of letters only, so it can never hold an image id."""
-    letters = "".join(secrets.choice(string.ascii_lowercase) for _ in range(16))
-    return folder / f"{TMP_PREFIX}{letters}"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary name next to `path`, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = _tmp_path(path.parent)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_png(path: Path, array: np.ndarray) -> None:
@@ -84,7 +56,7 @@ def atomic_write_png(path: Path, array: np.ndarray) -> None:
         raise ValueError(f"atomic_write_png needs (H, W) or (H, W, 3), got {array.shape}")
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def to_uint8(prob: np.ndarray | Tensor) -> np.ndarray:
@@ -217,13 +189,7 @@ class PredictionWriter:
 
     def _paths(self, id: str) -> dict[str, Path]:
         """Where each output of `id` goes."""
-        name = f"{_check_id(id)}.png"
-        return {
-            "mask": self.out_dir / name,
-            "prob": self.out_dir / "prob" / name,
-            "uncertainty": self.out_dir / "uncertainty" / name,
-            "overlay": self.out_dir / "overlays" / name,
-        }
+        return prediction_paths(self.out_dir, _check_id(id))
 
     def done(self, id: str) -> bool:
         """True when every output of `id` exists (overlay too when asked) and overwrite is off."""
@@ -306,7 +272,7 @@ class PredictionWriter:
         """Rewrite manifest.csv atomically: earlier and concurrent writers' rows, then this writer's."""
         with self._locked():
             rows = {**self._previous, **self._read_manifest(), **self._rows}
-            _atomic_write_bytes(self.out_dir / MANIFEST, _manifest_csv(list(rows.values())).encode("utf-8"))
+            atomic_write(self.out_dir / MANIFEST, _manifest_csv(list(rows.values())))
         self._last_flush = time.monotonic()
 
     def close(self) -> None:

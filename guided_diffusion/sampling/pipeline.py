@@ -17,15 +17,13 @@ from tqdm.auto import tqdm
 from guided_diffusion.sampling import addpm
 from guided_diffusion.data import datasets
 from guided_diffusion import distributed
-from guided_diffusion.network.aux_nets import DESCRIBE, checkpoint_kind
-from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
+from guided_diffusion.checkpoint import DIFFUSION, check_flags, load_checkpoint
+from guided_diffusion.layout import SPLIT_FILE
 from guided_diffusion.sampling.ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
 from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
 from guided_diffusion.sampling.outputs import PredictionWriter
 from guided_diffusion.sampling.samplers import SAMPLERS, SamplerSpec, image_seed, sample_ensemble
 from guided_diffusion.config import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
-
-SPLIT_FILE = "split.json"
 
 
 @dataclass
@@ -97,10 +95,7 @@ def load_model(model_path: str, device: torch.device, use_ema: bool = True, comp
                channels_last: bool = False) -> LoadedModel:
     """Build the network from the checkpoint's config and load its (EMA) weights; optionally NHWC and compiled
     (the compiled forward is the denoising step; the image encoder runs once per image and stays eager)."""
-    ckpt = load_checkpoint(model_path)
-    if checkpoint_kind(ckpt) != "diffusion":
-        raise CheckpointError(f"--model_path {ckpt['path']} is a {DESCRIBE[checkpoint_kind(ckpt)]} checkpoint, not "
-                              f"a diffusion model (scripts/segmentation_train.py)")
+    ckpt = load_checkpoint(model_path, "--model_path", kind=DIFFUSION)
     mc = from_dict(ModelConfig, ckpt["config"]["model"])
     dc = from_dict(DiffusionConfig, ckpt["config"]["diffusion"])
     model = create_model(mc, dc)
@@ -115,14 +110,10 @@ def load_model(model_path: str, device: torch.device, use_ema: bool = True, comp
 
 def check_flags_against_checkpoint(given: dict, ckpt: dict, dpm_solver: bool) -> None:
     """Model/diffusion flags the user gave must equal the checkpoint's (the seed passes them all)."""
-    saved = {**ckpt["config"]["model"], **ckpt["config"]["diffusion"]}
-    for key, value in given.items():
-        if value is None or key not in saved or saved[key] == value:
-            continue
-        if key == "diffusion_steps" and dpm_solver:
-            continue  # the seed's `--dpm_solver True --diffusion_steps 50`: 50 solver steps, trained schedule
-        hint = " (the number of sampling steps is --steps)" if key == "diffusion_steps" else ""
-        raise ValueError(f"--{key} {value} contradicts the checkpoint {ckpt['path']} ({saved[key]}){hint}")
+    # the seed's `--dpm_solver True --diffusion_steps 50` means 50 solver steps on the trained schedule
+    check_flags(given, {**ckpt["config"]["model"], **ckpt["config"]["diffusion"]}, f"the checkpoint {ckpt['path']}",
+                hint=lambda key: "the number of sampling steps is --steps" if key == "diffusion_steps" else "",
+                skip=("diffusion_steps",) if dpm_solver else ())
 
 
 def resolve_spec(cfg: SampleConfig, diffusion_steps_flag: int | None, num_timesteps: int) -> SamplerSpec:

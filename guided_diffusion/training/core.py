@@ -1,13 +1,16 @@
-"""The training loop: data order, diffusion loss + calibration-head loss, EMA, AMP, checkpoints, logs.
+"""The one training core every trainer uses: data stream, step, finite check, EMA, AMP, DDP, log and save cadence,
+step and time budget, resume, split and checkpoint payload. A trainer (training/diffusion.py, auxiliary.py)
+subclasses `Trainer` and supplies only its network (`build_network`), its loss (`compute_loss`) and what its
+checkpoint records about them (`network_config`).
 
 Resume is exact: the data order, the augmentation of every sample and the noise of every step are pure
 functions of (seed, step), so a run stopped and resumed ends with the same weights as one that never
-stopped (tests/test_train.py checks it).
+stopped (tests/training/test_core.py checks it).
 
 Under torchrun the same functions of (seed, step) are cut into per-rank slices of the global batch, so N
 processes with batch b train like one process with batch N*b: DDP averages the gradients of the N local
-means, which is the gradient of the global mean (tests/test_distributed.py checks the loss curve and the
-final weights). Rank 0 alone writes the split, the logs and the checkpoints; every rank resumes from the
+means, which is the gradient of the global mean (tests/training/test_distributed.py checks the loss curve and
+the final weights). Rank 0 alone writes the split, the logs and the checkpoints; every rank resumes from the
 same checkpoint. The equality (up to float summation order) needs --dropout 0: each rank draws its own
 dropout masks. A run may resume with another number of processes; it continues the same stream exactly
 when the global batch is unchanged (4 x 4 = 2 x 8 = 1 x 16).
@@ -28,23 +31,19 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from guided_diffusion.data import datasets
-from guided_diffusion.checkpoint import (CheckpointError, capture_rng_state, find_latest, load_checkpoint,
+from guided_diffusion.checkpoint import (DESCRIBE, CheckpointError, capture_rng_state, find_latest, load_checkpoint,
                                          restore_rng_state, save_checkpoint)
-from guided_diffusion.distributed import DistInfo
-from guided_diffusion.diffusion.gaussian_diffusion import dice_bce_loss
-from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig,
-                                     create_gaussian_diffusion, create_model, from_dict)
-
-SPLIT_FILE = "split.json"
-LOG_FILE = "log.csv"
+from guided_diffusion.config import DataConfig, RunConfig
+from guided_diffusion.data import datasets
+from guided_diffusion.distributed import DistInfo, barrier
+from guided_diffusion.layout import LOG_FILE, SPLIT_FILE
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
 
 
-def _mix(*values: int) -> int:
+def seed_mix(*values: int) -> int:
     """A 63-bit seed from several integers (SplitMix64-style), stable across platforms."""
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -77,8 +76,8 @@ class StepSampler(Sampler):
             for pos in range(first, first + self.b):
                 epoch, offset = divmod(pos, self.n)
                 if epoch not in perms:
-                    perms = {epoch: np.random.default_rng(_mix(self.seed, epoch)).permutation(self.n)}
-                yield int(perms[epoch][offset]), _mix(self.seed, 7, pos)
+                    perms = {epoch: np.random.default_rng(seed_mix(self.seed, epoch)).permutation(self.n)}
+                yield int(perms[epoch][offset]), seed_mix(self.seed, 7, pos)
             step += 1
 
     def __len__(self) -> int:  # pragma: no cover - infinite; DataLoader only needs it for len()
@@ -101,20 +100,17 @@ class SeededItems(Dataset):
             return self.base[index]
 
 
-def train_loader(pairs: list, image_size: int, tc, start_step: int, dist_info: DistInfo) -> DataLoader:
+def train_loader(pairs: list, image_size: int, cfg: RunConfig, start_step: int, dist_info: DistInfo) -> DataLoader:
     """The infinite, seeded training stream of one process: its StepSampler slice of every global batch,
-    augmented by --num_workers workers from preloaded copies (--preload), pinned for the copy to CUDA.
-
-    ``tc`` is any config with batch_size, seed, num_workers, preload and augment (TrainConfig, AuxTrainConfig).
-    """
-    dataset = datasets.SegmentationDataset(pairs, image_size, augment=tc.augment)
-    datasets.maybe_preload(dataset, tc.preload, log=print if dist_info.is_main else lambda _: None,
+    augmented by --num_workers workers from preloaded copies (--preload), pinned for the copy to CUDA."""
+    dataset = datasets.SegmentationDataset(pairs, image_size, augment=cfg.augment)
+    datasets.maybe_preload(dataset, cfg.preload, log=print if dist_info.is_main else lambda _: None,
                            progress=dist_info.is_main)
-    sampler = StepSampler(len(pairs), tc.batch_size, tc.seed, start_step, dist_info.rank, dist_info.world_size)
-    return DataLoader(SeededItems(dataset), batch_size=tc.batch_size, sampler=sampler,
-                      num_workers=tc.num_workers, pin_memory=dist_info.device.type == "cuda",
-                      persistent_workers=tc.num_workers > 0, generator=torch.Generator(),
-                      prefetch_factor=4 if tc.num_workers > 0 else None)
+    sampler = StepSampler(len(pairs), cfg.batch_size, cfg.seed, start_step, dist_info.rank, dist_info.world_size)
+    return DataLoader(SeededItems(dataset), batch_size=cfg.batch_size, sampler=sampler,
+                      num_workers=cfg.num_workers, pin_memory=dist_info.device.type == "cuda",
+                      persistent_workers=cfg.num_workers > 0, generator=torch.Generator(),
+                      prefetch_factor=4 if cfg.num_workers > 0 else None)
 
 
 def step_noise(seed: int, step: int, batch_size: int, shape: tuple[int, ...], num_timesteps: int,
@@ -126,12 +122,12 @@ def step_noise(seed: int, step: int, batch_size: int, shape: tuple[int, ...], nu
     with the global batch draws, and each draws only its own slice (no host-side noise for the whole global batch).
     """
     first = (step * world_size + rank) * batch_size
-    g = torch.Generator().manual_seed(_mix(seed, 11, step))
+    g = torch.Generator().manual_seed(seed_mix(seed, 11, step))
     t = torch.randint(0, num_timesteps, (batch_size * world_size,), generator=g)[rank * batch_size:][:batch_size]
     noise = torch.empty((batch_size, *shape), device=device)
     gen = torch.Generator(device=device)
     for i in range(batch_size):
-        noise[i].normal_(generator=gen.manual_seed(_mix(seed, 12, first + i)))
+        noise[i].normal_(generator=gen.manual_seed(seed_mix(seed, 12, first + i)))
     return t.to(device), noise
 
 
@@ -157,23 +153,12 @@ class EMA:
             torch._foreach_lerp_(avg, new, 1.0 - self.rate)
 
 
-def restore_training_state(ckpt: dict, model: torch.nn.Module, ema: "EMA", opt: torch.optim.Optimizer,
-                           scaler, device: torch.device) -> int:
-    """Load weights, EMA, optimizer, AMP scaler and RNG states from a checkpoint; returns its step."""
-    model.load_state_dict(ckpt["model"])
-    ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
-    opt.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    restore_rng_state(ckpt["rng"])
-    return int(ckpt["step"])
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on the FF-Parser filters, whose neutral value is 1 (identity), not 0."""
     named = list(model.named_parameters())
-    return [{"params": [p for n, p in named if "ff_parsers" not in n], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if "ff_parsers" in n], "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in named if "ff_parsers" not in n], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if "ff_parsers" in n], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
@@ -195,109 +180,138 @@ def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"--amp must be auto, none, bf16 or fp16, got {flag!r}")
 
 
-def check_matches_checkpoint(ckpt: dict, model_cfg: ModelConfig, diff_cfg: DiffusionConfig) -> None:
-    """A flag that contradicts the checkpoint being resumed is an error, never a silent mismatch."""
-    for name, given in (("model", asdict(model_cfg)), ("diffusion", asdict(diff_cfg))):
-        saved = ckpt["config"][name]
-        for key, value in given.items():
-            if key in saved and saved[key] != value:
-                raise ValueError(f"--{key} {value} contradicts the checkpoint {ckpt['path']} ({saved[key]}); "
-                                 f"use the same value or another --out_dir")
-
-
-class Trainer:
-    """Owns the model, optimizer, EMA and data stream of one training run."""
-
-    def __init__(self, model_cfg: ModelConfig, diff_cfg: DiffusionConfig, data_cfg: DataConfig,
-                 train_cfg: TrainConfig, dist_info: DistInfo):
-        self.mc, self.dc, self.data_cfg, self.tc, self.di = model_cfg, diff_cfg, data_cfg, train_cfg, dist_info
-        self.out_dir = Path(train_cfg.out_dir)
-        self.device = dist_info.device
-        if train_cfg.max_steps < 1 or train_cfg.batch_size < 1:
-            raise ValueError("--max_steps and --batch_size must be >= 1")
-        if not 0.0 <= train_cfg.ema_rate < 1.0:
-            raise ValueError(f"--ema_rate must be in [0, 1), got {train_cfg.ema_rate}")
-        datasets.preload_choice(train_cfg.preload)
-
-        resume_ckpt = self._find_resume()
-        self._check_same_start(resume_ckpt)
-        if resume_ckpt is not None:
-            check_matches_checkpoint(resume_ckpt, model_cfg, diff_cfg)
-        self.split = self._resolve_split(resume_ckpt)
-
-        torch.manual_seed(train_cfg.seed)
-        self.diffusion = create_gaussian_diffusion(diff_cfg)
-        self.model = create_model(model_cfg, diff_cfg).to(self.device)
-        self.memory_format = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
-        self.ema = EMA(self.model, train_cfg.ema_rate)
-        self.opt = torch.optim.AdamW(param_groups(self.model, train_cfg.weight_decay), lr=train_cfg.lr,
-                                     fused=self.device.type == "cuda" or None)  # one kernel for all parameters
-        self.amp = amp_dtype(train_cfg.amp, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        self.step = 0
-        if resume_ckpt is not None:
-            self._restore(resume_ckpt)
-        self.ddp = self.model  # what the step calls: DDP-wrapped under torchrun, compiled with --compile
-        if dist_info.distributed:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if train_cfg.compile:
-            # Compiling the DDP wrapper lets DDP's optimizer split the graph at its gradient buckets, so the
-            # all-reduce still overlaps the backward pass. self.model keeps the plain weights for checkpoints.
-            self.ddp = torch.compile(self.ddp)
-
-        pairs = datasets.list_pairs(data_cfg.data_name, data_cfg.data_dir, "train",
-                                    split_file=self.out_dir / SPLIT_FILE)
-        self.num_train = len(pairs)
-        self.loader = train_loader(pairs, model_cfg.image_size, train_cfg, self.step, dist_info)
-
-    # ----- set-up helpers ---------------------------------------------------------------------------
-    def _find_resume(self) -> dict | None:
-        flag = self.tc.resume
-        if flag == "none":
-            return None
-        if flag == "auto":
-            path = find_latest(self.out_dir)
-            return load_checkpoint(path) if path is not None else None
-        try:
-            return load_checkpoint(flag)
-        except CheckpointError as exc:
-            raise CheckpointError(str(exc).replace("--model_path", "--resume")) from None
-
-    def _resolve_split(self, ckpt: dict | None) -> dict:
-        """The checkpoint's split on resume, else an existing split file in out_dir, else a new one."""
-        split_path = self.out_dir / SPLIT_FILE
-        dcfg = self.data_cfg
-        if self.di.is_main:  # one process generates the built-in set when absent ...
-            datasets.ensure_dataset(dcfg.data_name, dcfg.data_dir)
-        _dist_barrier()
-        datasets.ensure_dataset(dcfg.data_name, dcfg.data_dir)  # ... the others find it (or make a node-local one)
-        if ckpt is not None and ckpt.get("split"):
-            split = ckpt["split"]
-        elif split_path.is_file():
-            split = datasets.load_split(split_path)
-        else:
-            split = datasets.resolve_split(dcfg.data_name, dcfg.data_dir, seed=dcfg.split_seed)
-        if self.di.is_main:
-            datasets.save_split(split, split_path)
-        _dist_barrier()
-        return split
-
-    def _check_same_start(self, ckpt: dict | None) -> None:
-        """Every rank must resume from the same checkpoint (or all from none): --out_dir must be shared."""
-        if not self.di.distributed:
-            return
+def find_resume(cfg: RunConfig, kind: str, dist_info: DistInfo) -> dict | None:
+    """The checkpoint --resume points at (auto: the latest in --out_dir; none: none), checked to be of `kind`;
+    under torchrun every rank must find the same one (--out_dir must be shared)."""
+    hint = "use another --out_dir (or --resume none)"
+    if cfg.resume == "none":
+        ckpt = None
+    elif cfg.resume == "auto":
+        path = find_latest(Path(cfg.out_dir))
+        ckpt = load_checkpoint(path, "--out_dir", kind=kind, hint=hint) if path is not None else None
+    else:
+        ckpt = load_checkpoint(cfg.resume, "--resume", kind=kind, hint=hint)
+    if dist_info.distributed:
         mine = (Path(ckpt["path"]).name, int(ckpt["step"])) if ckpt is not None else ("none", 0)
-        every: list = [None] * self.di.world_size
+        every: list = [None] * dist_info.world_size
         dist.all_gather_object(every, mine)
         if len(set(every)) > 1:
             found = ", ".join(f"rank {r}: {name}" for r, (name, _) in enumerate(every))
-            raise CheckpointError(f"the ranks found different checkpoints to resume in {self.out_dir} ({found}); "
+            raise CheckpointError(f"the ranks found different checkpoints to resume in {cfg.out_dir} ({found}); "
                                   f"--out_dir must be one folder every node can read")
+    return ckpt
 
+
+def resolve_split(out_dir: Path, data: DataConfig, resume: dict | None, reference: dict | None,
+                  dist_info: DistInfo) -> dict:
+    """The run's split: the resumed checkpoint's, else the --split_from run's (`reference`), else an existing
+    <out_dir>/split.json, else a new seeded one; written to <out_dir>/split.json by rank 0. A split file that
+    disagrees with the --split_from run is an error."""
+    path = Path(out_dir) / SPLIT_FILE
+    if dist_info.is_main:  # one process generates the built-in set when absent ...
+        datasets.ensure_dataset(data.data_name, data.data_dir)
+    barrier()
+    datasets.ensure_dataset(data.data_name, data.data_dir)  # ... the others find it (or make a node-local one)
+    if resume is not None and resume.get("split"):
+        split = resume["split"]
+    elif reference is not None:
+        split = reference["split"]
+        if path.is_file() and any(datasets.load_split(path)[k] != split[k] for k in datasets.SPLITS):
+            raise ValueError(f"{path} holds another split than the --split_from run {reference['path']}; "
+                             f"use another --out_dir")
+    elif path.is_file():
+        split = datasets.load_split(path)
+    else:
+        split = datasets.resolve_split(data.data_name, data.data_dir, seed=data.split_seed)
+    if dist_info.is_main:
+        datasets.save_split(split, path)
+    barrier()
+    return split
+
+
+class Trainer:
+    """One training run: network, optimizer, EMA, AMP, data stream, loop, logs and checkpoints.
+
+    Subclasses set what they train before calling this constructor and supply:
+      kind               the checkpoint kind ('diffusion', 'preseg', 'denoiser'; checkpoint.DESCRIBE)
+      loss_terms         the logged terms of the loss, "loss" (the total) first
+      image_size         the side the training images are resized to
+      build_network()    the network (built after the run's seed is set, so initial weights are seeded)
+      compute_loss(image, mask) -> (total loss, {term: per-batch value}); call the network through
+                         `self.wrapped` (DDP/compiled) inside `self.autocast()`
+      network_config()   the checkpoint's config entries besides data and train
+    """
+
+    kind: str = ""
+    loss_terms: tuple[str, ...] = ("loss",)
+    image_size: int = 0
+
+    def __init__(self, data_cfg: DataConfig, run_cfg: RunConfig, dist_info: DistInfo, resume: dict | None,
+                 reference: dict | None = None):
+        run_cfg.validate()
+        self.data_cfg, self.tc, self.di = data_cfg, run_cfg, dist_info
+        self.out_dir = Path(run_cfg.out_dir)
+        self.device = dist_info.device
+        self.split = resolve_split(self.out_dir, data_cfg, resume, reference, dist_info)
+
+        torch.manual_seed(run_cfg.seed)
+        self.memory_format = torch.channels_last if run_cfg.channels_last else torch.contiguous_format
+        self.model = self.build_network().to(self.device, memory_format=self.memory_format)
+        self.ema = EMA(self.model, run_cfg.ema_rate)
+        self.opt = torch.optim.AdamW(param_groups(self.model, run_cfg.weight_decay), lr=run_cfg.lr,
+                                     fused=self.device.type == "cuda" or None)  # one kernel for all parameters
+        self.amp = amp_dtype(run_cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.step, self.train_seconds = 0, 0.0
+        if resume is not None:
+            self._restore(resume)
+        self.wrapped = self.model  # what the step calls: DDP-wrapped under torchrun, compiled with --compile
+        if dist_info.distributed:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if run_cfg.compile:
+            # Compiling the DDP wrapper lets DDP's optimizer split the graph at its gradient buckets, so the
+            # all-reduce still overlaps the backward pass. self.model keeps the plain weights for checkpoints.
+            self.wrapped = torch.compile(self.wrapped)
+
+        pairs = datasets.list_pairs(data_cfg.data_name, data_cfg.data_dir, "train", split_file=self.out_dir / SPLIT_FILE)
+        self.num_train = len(pairs)
+        self.loader = train_loader(pairs, self.image_size, run_cfg, self.step, dist_info)
+
+    # ----- what a trainer supplies ------------------------------------------------------------------
+    def build_network(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def compute_loss(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def network_config(self) -> dict:
+        raise NotImplementedError
+
+    # ----- helpers for compute_loss -----------------------------------------------------------------
+    def autocast(self):
+        """The forward pass's autocast (--amp), or nothing in fp32."""
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+
+    def noise_and_t(self, batch_size: int, shape: tuple[int, ...], num_timesteps: int):
+        """This step's timesteps (uniform over 0..num_timesteps-1) and Gaussian noise (exact resume, see step_noise)."""
+        return step_noise(self.tc.seed, self.step, batch_size, shape, num_timesteps, self.device,
+                          self.di.rank, self.di.world_size)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the network's memory format (NHWC with --channels_last)."""
+        return x.contiguous(memory_format=self.memory_format) if x.ndim == 4 else x
+
+    # ----- checkpoints --------------------------------------------------------------------------------
     def _restore(self, ckpt: dict) -> None:
-        self.step = restore_training_state(ckpt, self.model, self.ema, self.opt, self.scaler, self.device)
+        """Weights, EMA, optimizer, AMP scaler, RNG states, step and trained time from a checkpoint."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.state = {k: v.to(self.device) for k, v in ckpt["ema"].items()}
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"])
+        self.step, self.train_seconds = int(ckpt["step"]), float(ckpt.get("train_seconds", 0.0))
         was = int(ckpt["config"]["train"].get("batch_size", 0)) * int(ckpt.get("world_size", 1))
         now = self.tc.batch_size * self.di.world_size
         if was != now and self.di.is_main:
@@ -305,18 +319,19 @@ class Trainer:
                   f"but not as the same data stream an unchanged global batch would give", flush=True)
 
     def payload(self) -> dict:
-        """Everything a checkpoint holds (see DESIGN.md: self-describing)."""
+        """Everything a checkpoint holds (self-describing: sampling needs nothing else)."""
         return {
+            "kind": self.kind,
             "model": self.model.state_dict(),
             "ema": self.ema.state,
             "ema_rate": self.tc.ema_rate,
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "step": self.step,
+            "train_seconds": self.train_seconds,
             "world_size": self.di.world_size,
             "rng": capture_rng_state(),
-            "config": {"model": asdict(self.mc), "diffusion": asdict(self.dc), "data": asdict(self.data_cfg),
-                       "train": asdict(self.tc)},
+            "config": {**self.network_config(), "data": asdict(self.data_cfg), "train": asdict(self.tc)},
             "split": self.split,
         }
 
@@ -324,39 +339,24 @@ class Trainer:
         path = None
         if self.di.is_main:
             path = save_checkpoint(self.out_dir, self.step, self.payload(), keep=self.tc.keep_checkpoints)
-        _dist_barrier()
+        barrier()
         return path
 
     # ----- one step -----------------------------------------------------------------------------------
-    def _noise_and_t(self, batch_size: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        return step_noise(self.tc.seed, self.step, batch_size, shape, self.diffusion.num_timesteps, self.device,
-                          self.di.rank, self.di.world_size)
-
     def train_step(self, batch: dict) -> dict[str, float]:
-        image = batch["image"].to(self.device, non_blocking=True)
+        """Forward, loss, backward, clipping, finite check (before the weights are touched), AdamW, EMA."""
+        image = self.layout(batch["image"].to(self.device, non_blocking=True))
         mask = batch["mask"].to(self.device, non_blocking=True)
-        x_start = mask * 2 - 1
-        t, noise = self._noise_and_t(mask.shape[0], tuple(mask.shape[1:]))
-        x_t = self.diffusion.q_sample(x_start, t, noise)
-        if self.memory_format is torch.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        torch.manual_seed(_mix(self.tc.seed, 13, self.step, self.di.rank))  # dropout, step-deterministic
-        autocast = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext())
-        with autocast:
-            out, calib = self.ddp(x_t, self.diffusion.scale_timesteps(t), image=image, return_calib=True)
-        losses = self.diffusion.training_losses(out.float(), x_start, x_t, t, noise)
-        cal = dice_bce_loss(calib.float(), mask)
-        loss = losses["loss"].mean() + self.tc.cal_weight * cal.mean()
-
+        torch.manual_seed(seed_mix(self.tc.seed, 13, self.step, self.di.rank))  # dropout, step-deterministic
+        loss, terms = self.compute_loss(image, mask)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.tc.grad_clip > 0:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
-        values = torch.stack([loss.detach(), losses["mse"].mean().detach(),
-                              losses["vb"].mean().detach() if "vb" in losses else torch.zeros((), device=loss.device),
-                              cal.mean().detach()]).float()
+        zero = torch.zeros((), device=loss.device)
+        values = torch.stack([loss.detach().float()] + [terms.get(k, zero).detach().float()
+                                                        for k in self.loss_terms[1:]])
         if self.di.distributed:
             dist.all_reduce(values)
             values /= self.di.world_size
@@ -370,30 +370,43 @@ class Trainer:
         self.scaler.update()
         self.ema.update(self.model)
         self.step += 1
-        return {"loss": values[0], "mse": values[1], "vb": values[2], "cal": values[3]}
+        return dict(zip(self.loss_terms, values))
 
     # ----- the loop ----------------------------------------------------------------------------------
+    def _out_of_time(self) -> bool:
+        """--max_minutes spent (all ranks agree: rank 0's clock decides)."""
+        if not self.tc.max_minutes:
+            return False
+        over = torch.tensor([float(self.train_seconds >= 60 * self.tc.max_minutes)], device=self.device)
+        if self.di.distributed:
+            dist.broadcast(over, 0)
+        return bool(over.item())
+
     def run(self) -> Path | None:
-        """Train until --max_steps, checkpointing every --save_interval steps and at the end."""
+        """Train until --max_steps (or --max_minutes), checkpointing every --save_interval steps and at the end."""
         tc, main = self.tc, self.di.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            print(f"training on {self.num_train} images ({self.data_cfg.data_name}, split "
+            print(f"training the {DESCRIBE[self.kind]} on {self.num_train} images ({self.data_cfg.data_name}, split "
                   f"{self.split.get('source', '?')}); {sum(p.numel() for p in self.model.parameters()):,} "
                   f"parameters; device {self.device}, amp {self.amp or 'off'}; global batch "
                   f"{tc.batch_size * self.di.world_size} = {tc.batch_size} x {self.di.world_size} process(es)"
                   + (f"; resuming at step {self.step}" if self.step else ""), flush=True)
-        if self.step >= tc.max_steps:
+        if self.step >= tc.max_steps or (tc.max_minutes and self.train_seconds >= 60 * tc.max_minutes):
             if main:
-                print(f"already at step {self.step} >= --max_steps {tc.max_steps}: nothing to do")
+                print(f"already at step {self.step} >= --max_steps {tc.max_steps}: nothing to do"
+                      if self.step >= tc.max_steps else
+                      f"already trained {self.train_seconds / 60:.1f} minutes >= --max_minutes {tc.max_minutes}: "
+                      f"nothing to do (raise --max_minutes to train on)")
             return find_latest(self.out_dir)
-        logger = RunLogger(self.out_dir, enabled=main)
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not main, desc="train", unit="step",
+        logger = RunLogger(self.out_dir, ["step", *self.loss_terms, "lr", "images_per_s", "data_wait"], enabled=main)
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not main, desc=f"train {self.kind}", unit="step",
                    dynamic_ncols=True)
         self.model.train()
         window: list[dict[str, float]] = []
-        t_last, seen, waited, hinted = time.perf_counter(), 0, 0.0, False
-        path = None
+        started = t_last = time.perf_counter()
+        seen, waited, hinted, path = 0, 0.0, False, None
+        trained_before = self.train_seconds
         batches = iter(self.loader)  # infinite (StepSampler)
         try:
             while True:
@@ -401,10 +414,12 @@ class Trainer:
                 batch = next(batches)
                 waited += time.perf_counter() - t0  # blocked on the loader: the device had nothing to do
                 window.append(self.train_step(batch))
+                self.train_seconds = trained_before + time.perf_counter() - started
                 seen += batch["mask"].shape[0] * self.di.world_size
                 bar.update(1)
                 bar.set_postfix(loss=f"{window[-1]['loss']:.4f}")
-                if self.step % tc.log_interval == 0 or self.step == tc.max_steps:
+                last = self.step >= tc.max_steps or self._out_of_time()
+                if self.step % tc.log_interval == 0 or last:
                     now = time.perf_counter()
                     row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                     row.update(step=self.step, lr=self.opt.param_groups[0]["lr"],
@@ -419,33 +434,31 @@ class Trainer:
                                    f"--preload True, may help (scripts/benchmark_train.py --data loader_only "
                                    f"measures what the loader supplies)")
                     window, t_last, seen, waited = [], now, 0, 0.0
-                if self.step % tc.save_interval == 0 or self.step == tc.max_steps:
+                if self.step % tc.save_interval == 0 or last:
                     path = self.save()
-                if self.step >= tc.max_steps:
+                if last:
                     break
         finally:
             bar.close()
             logger.close()
         if main:
-            print(f"done: step {self.step}, checkpoint {path}", flush=True)
+            why = "" if self.step >= tc.max_steps else f" (--max_minutes {tc.max_minutes} reached)"
+            print(f"done: step {self.step}{why}, checkpoint {path}", flush=True)
         return path
 
 
 class RunLogger:
     """CSV log (and TensorBoard when installed) written by the main process only."""
 
-    FIELDS = ["step", "loss", "mse", "vb", "cal", "lr", "images_per_s", "data_wait"]
-
-    def __init__(self, out_dir: Path, enabled: bool = True):
+    def __init__(self, out_dir: Path, fields: list[str], enabled: bool = True):
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         self.path = Path(out_dir) / LOG_FILE
-        fields = self.FIELDS
         if self.path.exists():  # appending on resume: keep the columns the file already has
             with open(self.path, newline="") as fh:
-                fields = next(csv.reader(fh), None) or self.FIELDS
+                fields = next(csv.reader(fh), None) or fields
         new = not self.path.exists() or self.path.stat().st_size == 0
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
@@ -473,15 +486,3 @@ class RunLogger:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
-
-
-def _dist_barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_configs(ckpt: dict) -> tuple[ModelConfig, DiffusionConfig, DataConfig]:
-    """The model, diffusion and data configs a checkpoint was trained with."""
-    cfg = ckpt["config"]
-    return from_dict(ModelConfig, cfg["model"]), from_dict(DiffusionConfig, cfg["diffusion"]), \
-        from_dict(DataConfig, cfg["data"])
