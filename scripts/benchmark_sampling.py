@@ -69,31 +69,21 @@ def main(argv=None) -> None:
                         **{k: getattr(args, k) for k in ("amp", "compile", "channels_last", "warmup")})
     addpm = {k: getattr(args, k) for k in ("pre_t", "stop_t", "preseg", "denoiser_path")}
     out_root = Path(args.out_dir)
-    rows = []
-    for sampler, steps, row_addpm in benchmark.expand_rows(benchmark.parse_configs(args.configs), addpm):
-        steps = min(steps, T)
-        print(f"== {sampler} {steps} steps, {args.num_ensemble} members {row_addpm.get('preseg', '')}", flush=True)
-        rows.append(benchmark.run_one(base, sampler, steps, args.num_ensemble, out_root, device, data, row_addpm,
-                                      args.reuse))
-    rows = benchmark.compare(rows)
+    specs = benchmark.expand_rows(benchmark.parse_configs(args.configs), addpm)
+    rows = benchmark.run_rows(base, specs, args.num_ensemble, out_root, device, data, T, args.reuse)
     table = benchmark.to_markdown(rows)
     lines = [f"model {ckpt['path']} (step {ckpt['step']}, T = {T}); {data[0]} {args.split} split, "
              f"{args.max_images or 'all'} images; device {device}; command: python scripts/benchmark_sampling.py "
              + " ".join(sys.argv[1:] if argv is None else argv), "", table]
-    note = benchmark.addpm_note(rows, addpm, T)
+    note = benchmark.addpm_note(specs, addpm, T)
     lines += [note] if note else []
     if args.ensemble_check:
-        (sampler, steps, row_addpm), *_ = benchmark.expand_rows(benchmark.parse_configs(args.ensemble_check), addpm)
-        one = benchmark.run_one(base, sampler, steps, 1, out_root, device, data, row_addpm, args.reuse)
-        many = next((r for r in rows if (r.sampler, r.steps) == (sampler, steps)), None) or \
-            benchmark.run_one(base, sampler, steps, args.num_ensemble, out_root, device, data, row_addpm, args.reuse)
-        ratio = many.seconds_per_image / max(one.seconds_per_image, 1e-12)
-        lines += ["", f"ensemble cost ({sampler} {steps} steps): 1 member {one.seconds_per_image:.3f} s/image, "
-                      f"{args.num_ensemble} members batched {many.seconds_per_image:.3f} s/image = {ratio:.2f}x "
-                      f"one member (Dice {one.dice:.4f} -> {many.dice:.4f})"]
+        check = benchmark.expand_rows(benchmark.parse_configs(args.ensemble_check), addpm)[0]
+        lines += ["", benchmark.ensemble_cost(base, check, rows, args.num_ensemble, out_root, device, data,
+                                              args.reuse)]
     if args.plot:
         made = benchmark.plot(rows, data, args.split, Path(args.plot_dir), args.plot_images,
-                              title=f"{data[0]} {args.split}, {len(benchmark.per_image(rows[0]))} images, "
+                              title=f"{data[0]} {args.split}, {len(rows[0].per_image)} images, "
                                     f"{args.num_ensemble} members, {device.type}")
         lines += ["", "figures: " + ", ".join(str(m) for m in made)]
     text = "\n".join(lines) + "\n"

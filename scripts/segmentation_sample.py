@@ -30,12 +30,11 @@ def main(argv=None) -> None:
     finally:
         distributed.cleanup()
     if info.is_main:
-        n = summary["images"]
-        rate = f", {summary['seconds'] / n:.3f} s/image" if n else ""
-        parts = " = " + " + ".join(f"{v} {k}" for k, v in summary["nfe_parts"].items()) if summary["nfe_parts"] else ""
-        print(f"{summary['sampler']} {summary['steps']} steps, {summary['nfe']} NFE{parts}: {n} images sampled"
-              f"{rate} ({summary['skipped']} already done) -> {summary['out_dir']}")
-
+        n = summary.images
+        rate = f", {summary.seconds_per_image:.3f} s/image" if n else ""
+        parts = " = " + " + ".join(f"{v} {k}" for k, v in summary.nfe_parts.items()) if summary.nfe_parts else ""
+        print(f"{summary.sampler} {summary.steps} steps, {summary.nfe} NFE{parts}: {n} images sampled{rate} "
+              f"({summary.skipped} already done) -> {summary.out_dir}")
 
 if __name__ == "__main__":
     run_cli(main)

@@ -418,10 +418,12 @@ def test_benchmark_has_addpm_rows(runs, tmp_path):
     assert float(again[1]["seconds_per_image"]) == pytest.approx(float(rows[1]["seconds_per_image"]), abs=1e-3)
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("synth_*.png")}
     from guided_diffusion.reports import benchmark
-    other = {"sampler": "addpm-ddpm", "steps": 2, "addpm": {"pre_t": 12, "stop_t": 9, "preseg": "head"}}
+    from guided_diffusion.sampling.pipeline import SamplingSummary
+    other = SamplingSummary("addpm-ddpm", 2, 2, images=0, skipped=0, seconds=0.0, nfe=0, nfe_parts={},
+                            settings={"pre_t": 12, "stop_t": 9, "preseg": "head"}, out_dir="")
     with pytest.raises(ValueError, match="--reuse: .* holds masks sampled with"):
         benchmark.manifest_cost(out / "addpm-ddpm-0-n2-head", [r["id"] for r in manifest(out / "ddpm-40-n2")],
-                                other, 2)
+                                other)
 
 
 def test_denoiser_net_is_time_conditioned():

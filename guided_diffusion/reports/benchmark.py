@@ -1,24 +1,33 @@
-"""Speed/quality table of the samplers on one model and one set of images, all measured in one run."""
+"""Speed/quality table of the samplers on one model and one set of images, all measured in one run.
+
+Each row samples into its own prediction folder (layout.row_folder) through the sampling pipeline and is scored
+in memory (evaluation.scoring.evaluate, whose reports also go to the row's eval/ folder); the rows carry their
+SamplingSummary and EvalResult, so the tables, figures and the quickstart's report read no files back.
+"""
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from guided_diffusion.data import datasets
+from guided_diffusion.evaluation.scoring import EvalOptions, EvalResult, evaluate
+from guided_diffusion.layout import MANIFEST, eval_paths, row_folder
 from guided_diffusion.reports import figures
-from guided_diffusion.evaluation.scoring import EvalOptions, evaluate
-from guided_diffusion.sampling.outputs import MANIFEST
-from guided_diffusion.sampling.pipeline import SampleConfig, addpm_levels, run_sampling
+from guided_diffusion.sampling.addpm import ADDPM, chain_of
+from guided_diffusion.sampling.pipeline import SampleConfig, SamplingSummary, addpm_levels, run_sampling
+
+TABLE_FIELDS = ("sampler", "steps", "num_ensemble", "nfe", "seconds_per_image", "dice", "iou", "dice_delta",
+                "speedup", "nfe_parts", "folder")
 
 
 @dataclass
 class BenchRow:
-    """One sampler setting: its cost and the Dice of its fused masks."""
+    """One sampler setting: its cost and the Dice of its fused masks, with the evaluation behind them."""
     sampler: str
     steps: int
     num_ensemble: int
@@ -29,7 +38,44 @@ class BenchRow:
     dice_delta: float = float("nan")   # Dice minus the reference's (DDPM over all T steps)
     speedup: float = float("nan")      # reference seconds per image / this one's
     nfe_parts: str = ""                # ADDPM: pre-segmentation + chain + denoiser
-    folder: str = ""                   # where its masks and its evaluation (eval/) are
+    folder: str = ""                   # where its masks and its evaluation reports (eval/) are
+    evaluation: EvalResult | None = field(default=None, repr=False)
+
+    @property
+    def per_image(self) -> pd.DataFrame:
+        """The per-image scores of the images the row sampled (index: image id)."""
+        return self.evaluation.per_image.set_index("id")
+
+    @property
+    def dice_summary(self) -> dict:
+        """Mean, bootstrap 95% CI and count of the row's Dice."""
+        return self.evaluation.summary["metrics"]["dice"]
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What one row samples: a sampler label (`addpm-<chain>` for ADDPM), its steps and ADDPM's flags."""
+    label: str
+    steps: int
+    addpm: dict = field(default_factory=dict)
+
+    @property
+    def chain(self) -> str | None:
+        return chain_of(self.label)
+
+    @property
+    def tag(self) -> str:
+        """A short name of an ADDPM row's pre-segmentation: 'head', or its run folder's name ('' otherwise)."""
+        if self.chain is None:
+            return ""
+        preseg = self.addpm.get("preseg") or "none"
+        return preseg if preseg in ("head", "none") else Path(preseg).resolve().name.removesuffix(".pt")
+
+    def config(self, base: SampleConfig, num_ensemble: int, out: Path, reuse: bool) -> SampleConfig:
+        """The sampling settings of the row."""
+        cfg = replace(base, sampler=self.label, steps=self.steps, num_ensemble=num_ensemble, out_dir=str(out),
+                      overwrite=not reuse)
+        return replace(cfg, sampler=ADDPM, addpm_inner=self.chain, **self.addpm) if self.chain else cfg
 
 
 def parse_configs(spec: str, flag: str = "--configs") -> list[tuple[str, int]]:
@@ -46,63 +92,70 @@ def parse_configs(spec: str, flag: str = "--configs") -> list[tuple[str, int]]:
     return out
 
 
-def preseg_tag(addpm: dict | None) -> str:
-    """A short name of an ADDPM row's pre-segmentation: 'head', or its run folder's name."""
-    preseg = (addpm or {}).get("preseg") or "none"
-    return preseg if preseg in ("head", "none") else Path(preseg).resolve().name.removesuffix(".pt")
-
-
-def expand_rows(configs: list[tuple[str, int]], addpm: dict) -> list[tuple[str, int, dict]]:
-    """(sampler, steps, ADDPM flags) per row: every addpm-<sampler> config once per --preseg entry
-    (comma-separated, e.g. 'runs/x_preseg,head')."""
+def expand_rows(configs: list[tuple[str, int]], addpm: dict) -> list[RowSpec]:
+    """The rows of the configs: every ADDPM config once per --preseg entry (comma-separated, e.g.
+    'runs/x_preseg,head')."""
     presegs = [p.strip() for p in (addpm.get("preseg") or "").split(",") if p.strip()] or [""]
     rows = []
     for name, steps in configs:
-        if name.startswith("addpm-"):
-            rows += [(name, steps, {**addpm, "preseg": p}) for p in presegs]
+        if chain_of(name):
+            rows += [RowSpec(name, steps, {**addpm, "preseg": p}) for p in presegs]
         else:
-            rows.append((name, steps, {}))
+            rows.append(RowSpec(name, steps))
     return rows
 
 
-def row_config(base: SampleConfig, name: str, steps: int, num_ensemble: int, out: Path,
-               addpm: dict | None = None, reuse: bool = False) -> SampleConfig:
-    """The sampling settings of one row; `addpm-<sampler>` rows get the ADDPM flags in `addpm`."""
-    cfg = replace(base, sampler=name, steps=steps, num_ensemble=num_ensemble, out_dir=str(out), overwrite=not reuse)
-    if name.startswith("addpm-"):
-        cfg = replace(cfg, sampler="addpm", addpm_inner=name[len("addpm-"):], **(addpm or {}))
-    return cfg
-
-
-def run_one(base: SampleConfig, sampler: str, steps: int, num_ensemble: int, out_root: Path,
-            device: torch.device, data: tuple[str, str], addpm: dict | None = None, reuse: bool = False) -> BenchRow:
-    """Sample into out_root/<sampler>-<steps>-n<members> and score it against the ground truth. With `reuse`,
-    images already in that folder are not resampled: their cost is read back from its manifest."""
-    tag = f"-{preseg_tag(addpm)}" if sampler.startswith("addpm-") else ""
-    out = out_root / f"{sampler}-{steps}-n{num_ensemble}{tag}"
-    summary = run_sampling(row_config(base, sampler, steps, num_ensemble, out, addpm, reuse), {}, device)
-    split_file = sampled_split(out, data, base)
+def run_one(base: SampleConfig, row: RowSpec, num_ensemble: int, out_root: Path, device: torch.device,
+            data: tuple[str, str], reuse: bool = False) -> BenchRow:
+    """Sample into the row's folder under out_root and score it against the ground truth. With `reuse`, images
+    already in that folder are not resampled: their cost is read back from its manifest."""
+    out = row_folder(out_root, row.label, row.steps, num_ensemble, row.tag)
+    summary = run_sampling(row.config(base, num_ensemble, out, reuse), {}, device)
+    paths = eval_paths(out)
+    scored = sampled_split(out, data, base, paths["split"])
     if reuse:
-        seconds, nfe, parts = manifest_cost(out, datasets.load_split(split_file)[base.split], summary, num_ensemble)
+        seconds, nfe, parts = manifest_cost(out, datasets.load_split(scored)[base.split], summary)
     else:
-        seconds, nfe = summary["seconds"] / max(summary["images"], 1), summary["nfe"]
-        parts = "+".join(str(v) for v in summary["nfe_parts"].values())
+        seconds, nfe = summary.seconds_per_image, summary.nfe
+        parts = "+".join(str(v) for v in summary.nfe_parts.values())
     result = evaluate(EvalOptions(inp_pth=out, data_name=data[0], data_dir=Path(data[1]), split=base.split,
-                                  split_file=split_file, n_boot=200, progress=False,
-                                  csv=out / "eval" / "evaluation.csv", json=out / "eval" / "evaluation.json"))
+                                  split_file=scored, n_boot=200, progress=False, csv=paths["csv"], json=paths["json"]))
     m = result.summary["metrics"]
-    label = summary["sampler"] + (f" ({tag[1:]})" if tag else "")
-    return BenchRow(label, summary["steps"], num_ensemble, nfe, seconds, m["dice"]["mean"],
-                    m["iou"]["mean"], nfe_parts=parts, folder=str(out))
+    label = summary.sampler + (f" ({row.tag})" if row.tag else "")
+    return BenchRow(label, summary.steps, num_ensemble, nfe, seconds, m["dice"]["mean"], m["iou"]["mean"],
+                    nfe_parts=parts, folder=str(out), evaluation=result)
 
 
-def manifest_cost(out: Path, ids: list[str], summary: dict, num_ensemble: int) -> tuple[float, int, str]:
+def run_rows(base: SampleConfig, rows: list[RowSpec], num_ensemble: int, out_root: Path, device: torch.device,
+             data: tuple[str, str], num_timesteps: int, reuse: bool = False) -> list[BenchRow]:
+    """Every row in turn (DDPM steps above the model's T clipped to T), compared with the reference row."""
+    done = []
+    for row in rows:
+        row = replace(row, steps=min(row.steps, num_timesteps))
+        print(f"== {row.label} {row.steps} steps, {num_ensemble} members {row.addpm.get('preseg', '')}", flush=True)
+        done.append(run_one(base, row, num_ensemble, out_root, device, data, reuse))
+    return compare(done)
+
+
+def ensemble_cost(base: SampleConfig, row: RowSpec, rows: list[BenchRow], num_ensemble: int, out_root: Path,
+                  device: torch.device, data: tuple[str, str], reuse: bool = False) -> str:
+    """One line: seconds per image of `row` with one member against `num_ensemble` members in one batch."""
+    one = run_one(base, row, 1, out_root, device, data, reuse)
+    many = next((r for r in rows if (r.sampler, r.steps) == (row.label, row.steps) and r.num_ensemble == num_ensemble),
+                None) or run_one(base, row, num_ensemble, out_root, device, data, reuse)
+    ratio = many.seconds_per_image / max(one.seconds_per_image, 1e-12)
+    return (f"ensemble cost ({row.label} {row.steps} steps): 1 member {one.seconds_per_image:.3f} s/image, "
+            f"{num_ensemble} members batched {many.seconds_per_image:.3f} s/image = {ratio:.2f}x one member "
+            f"(Dice {one.dice:.4f} -> {many.dice:.4f})")
+
+
+def manifest_cost(out: Path, ids: list[str], summary: SamplingSummary) -> tuple[float, int, str]:
     """Mean seconds per image, NFE and its ADDPM parts of `ids` from out/manifest.csv, checked to be this row's
     sampler."""
     with open(out / MANIFEST, newline="") as fh:
         rows = {r["id"]: r for r in csv.DictReader(fh) if r["id"] in set(ids)}
-    want = {"sampler": summary["sampler"], "steps": str(summary["steps"]), "num_ensemble": str(num_ensemble),
-            **{k: str(v) for k, v in summary["addpm"].items()}}
+    want = {"sampler": summary.sampler, "steps": str(summary.steps), "num_ensemble": str(summary.num_ensemble),
+            **{k: str(v) for k, v in summary.settings.items()}}
     for r in rows.values():
         found = {k: r.get(k, "") for k in want}
         if found != want:
@@ -112,13 +165,12 @@ def manifest_cost(out: Path, ids: list[str], summary: dict, num_ensemble: int) -
     return sum(float(r["seconds"]) for r in rows.values()) / len(rows), int(first["nfe"]), parts
 
 
-def sampled_split(out: Path, data: tuple[str, str], cfg: SampleConfig) -> Path:
-    """A split file whose `cfg.split` part holds only the images sampled (--max_images), for scoring."""
+def sampled_split(out: Path, data: tuple[str, str], cfg: SampleConfig, path: Path) -> Path:
+    """A split file at `path` whose `cfg.split` part holds only the images sampled (--max_images), for scoring."""
     split = datasets.load_split(out / "split.json")
     if cfg.max_images:
         pairs = datasets.list_pairs(data[0], data[1], cfg.split, split_file=out / "split.json")
         split[cfg.split] = [p.id for p in pairs[:cfg.max_images]]
-    path = out / "eval" / "split.json"
     datasets.save_split(split, path)
     return path
 
@@ -138,9 +190,18 @@ def compare(rows: list[BenchRow]) -> list[BenchRow]:
     return rows
 
 
-def addpm_note(rows: list[BenchRow], addpm: dict, num_timesteps: int) -> str:
+def on_images(rows: list[BenchRow], ids: list[str]) -> list[BenchRow]:
+    """Every row re-scored on the given images only, with Dice difference and speed-up against the reference."""
+    def restricted(r: BenchRow) -> BenchRow:
+        table = r.per_image.loc[ids]
+        return replace(r, dice=float(table["dice"].mean()), iou=float(table["iou"].mean()))
+
+    return compare([restricted(r) for r in rows])
+
+
+def addpm_note(rows: list[RowSpec], addpm: dict, num_timesteps: int) -> str:
     """One line on the ADDPM rows' settings ('' when there are none)."""
-    if not any(r.sampler.startswith("addpm") for r in rows):
+    if not any(r.chain for r in rows):
         return ""
     pre_t, stop_t = addpm_levels(replace(SampleConfig(), **addpm), num_timesteps)
     return (f"ADDPM rows: chain from x_{pre_t} to x_{stop_t} (--pre_t {pre_t} --stop_t {stop_t}), pre-segmentation "
@@ -160,15 +221,10 @@ def to_markdown(rows: list[BenchRow]) -> str:
 def to_csv(rows: list[BenchRow]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(list(BenchRow.__dataclass_fields__))
+    w.writerow(TABLE_FIELDS)
     for r in rows:
-        w.writerow([getattr(r, k) for k in BenchRow.__dataclass_fields__])
+        w.writerow([getattr(r, k) for k in TABLE_FIELDS])
     return buf.getvalue()
-
-
-def per_image(row: BenchRow) -> pd.DataFrame:
-    """The per-image scores of the images a row sampled, from its evaluation CSV (index: image id)."""
-    return pd.read_csv(Path(row.folder) / "eval" / "evaluation.csv", dtype={"id": str}).set_index("id")
 
 
 def row_title(row: BenchRow) -> str:
@@ -179,6 +235,12 @@ def speed_point(row: BenchRow) -> figures.SpeedPoint:
     return figures.SpeedPoint(row.sampler, row.steps, row.seconds_per_image, row.dice)
 
 
+def pairs_of(row: BenchRow, data: tuple[str, str], split: str, ids: list[str]) -> list[datasets.Pair]:
+    """The data set's pairs of the given image ids, from the split the row was scored on."""
+    by_id = {p.id: p for p in datasets.list_pairs(data[0], data[1], split, split_file=eval_paths(row.folder)["split"])}
+    return [by_id[i] for i in ids]
+
+
 def plot(rows: list[BenchRow], data: tuple[str, str], split: str, plot_dir: Path, n_images: int = 4,
          title: str = "") -> list[Path]:
     """quant.png: Dice against seconds per image for every row, the reference marked; qual.png: the first
@@ -187,13 +249,11 @@ def plot(rows: list[BenchRow], data: tuple[str, str], split: str, plot_dir: Path
     ref = reference_row(rows)
     quant = figures.speed_quality_plot([speed_point(r) for r in rows], plot_dir / "quant.png", title=title,
                                        reference=speed_point(ref))
-    ids = list(per_image(ref).index)[:n_images]
-    split_file = Path(ref.folder) / "eval" / "split.json"
-    by_id = {p.id: p for p in datasets.list_pairs(data[0], data[1], split, split_file=split_file)}
+    pairs = pairs_of(ref, data, split, list(ref.per_image.index)[:n_images])
     columns = [figures.Column(row_title(r), Path(r.folder)) for r in rows]
     columns += [figures.Column(f"uncertainty\n{row_title(r)}", Path(r.folder), "uncertainty")
                 for r in ([ref] if rows[-1] is ref else [ref, rows[-1]])]
-    captions = {(i, row_title(r)): f"Dice {d:.3f}" for r in rows for i, d in per_image(r)["dice"].items()}
-    qual = figures.example_grid([by_id[i] for i in ids], columns, plot_dir / "qual.png", title=title,
+    captions = {(i, row_title(r)): f"Dice {d:.3f}" for r in rows for i, d in r.per_image["dice"].items()}
+    qual = figures.example_grid(pairs, columns, plot_dir / "qual.png", title=title,
                                 cell_titles=captions)
     return [quant, qual]

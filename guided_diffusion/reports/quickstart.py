@@ -8,16 +8,15 @@ Re-running it continues the training from its checkpoint and samples afresh.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from guided_diffusion.reports import benchmark, figures
-from guided_diffusion.data import datasets
 from guided_diffusion import distributed
 from guided_diffusion.checkpoint import find_latest
 from guided_diffusion.fileio import atomic_write
+from guided_diffusion.layout import QUICKSTART_MODEL, QUICKSTART_REPORT, QUICKSTART_SAMPLES
 from guided_diffusion.sampling.pipeline import SampleConfig
 from guided_diffusion.sampling.samplers import SAMPLERS
 from guided_diffusion.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
@@ -52,41 +51,32 @@ def train_model(cfg: QuickstartConfig, info: distributed.DistInfo) -> Path:
     """Train (or finish training) the quickstart's model in <out_dir>/model; returns its checkpoint."""
     from guided_diffusion.training.diffusion import DiffusionTrainer
 
-    model_dir = Path(cfg.out_dir) / "model"
+    model_dir = Path(cfg.out_dir) / QUICKSTART_MODEL
     DiffusionTrainer(ModelConfig(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=1),
-            DiffusionConfig(diffusion_steps=cfg.diffusion_steps),
-            DataConfig(data_name=cfg.data_name, data_dir=cfg.data_dir),
-            TrainConfig(out_dir=str(model_dir), lr=cfg.lr, batch_size=cfg.batch_size, max_steps=cfg.train_steps,
-                        save_interval=cfg.train_steps, log_interval=50, ema_rate=cfg.ema_rate, seed=cfg.seed,
-                        num_workers=cfg.num_workers, device=cfg.device), info).run()
+                     DiffusionConfig(diffusion_steps=cfg.diffusion_steps),
+                     DataConfig(data_name=cfg.data_name, data_dir=cfg.data_dir),
+                     TrainConfig(out_dir=str(model_dir), lr=cfg.lr, batch_size=cfg.batch_size,
+                                 max_steps=cfg.train_steps, save_interval=cfg.train_steps, log_interval=50,
+                                 ema_rate=cfg.ema_rate, seed=cfg.seed, num_workers=cfg.num_workers,
+                                 device=cfg.device), info).run()
     path = find_latest(model_dir)
     if path is None:  # pragma: no cover - run() always saves at max_steps
         raise RuntimeError(f"training wrote no checkpoint to {model_dir}")
     return path
 
 
-def same_images_rows(rows: list[benchmark.BenchRow], ids: list[str]) -> list[benchmark.BenchRow]:
-    """Every row re-scored on the reference's images only, with Dice difference and speed-up against it."""
-    def on_ids(r):
-        table = benchmark.per_image(r).loc[ids]
-        return replace(r, dice=float(table["dice"].mean()), iou=float(table["iou"].mean()))
-
-    return benchmark.compare([on_ids(r) for r in rows])
-
-
 def dice_with_ci(row: benchmark.BenchRow) -> tuple[str, int]:
-    """('0.8123 [0.7712, 0.8490]', number of images) from the row's evaluation JSON."""
-    summary = json.loads((Path(row.folder) / "eval" / "evaluation.json").read_text())
-    d = summary["metrics"]["dice"]
-    return f"{d['mean']:.4f} [{d['ci95_low']:.4f}, {d['ci95_high']:.4f}]", int(summary["n_images"])
+    """('0.8123 [0.7712, 0.8490]', number of images) of the row's evaluation."""
+    d = row.dice_summary
+    return f"{d['mean']:.4f} [{d['ci95_low']:.4f}, {d['ci95_high']:.4f}]", int(row.evaluation.summary["n_images"])
 
 
 def row_tag(row: benchmark.BenchRow) -> str:
     return f"{row.sampler}-{row.steps}"
 
 
-def write_report(cfg: QuickstartConfig, ckpt: Path, rows: list[benchmark.BenchRow], head: list[benchmark.BenchRow],
-                 ids: list[str], made: list[Path], minutes: float) -> Path:
+def report_text(cfg: QuickstartConfig, ckpt: Path, rows: list[benchmark.BenchRow], head: list[benchmark.BenchRow],
+                ids: list[str], made: list[Path], minutes: float) -> str:
     """report.md: what ran, the table against the reference on its images, the table over every sampled image."""
     out = Path(cfg.out_dir)
     lines = [f"# Quickstart report: {cfg.data_name} ({cfg.data_dir})", "",
@@ -107,9 +97,7 @@ def write_report(cfg: QuickstartConfig, ckpt: Path, rows: list[benchmark.BenchRo
     lines += ["", "NFE: network evaluations per member (all members run as one batch). Seconds per image cover "
                   "every member and the fusion. 95% CI: percentile bootstrap of the mean Dice.", "",
               "## Figures", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in made]
-    path = out / "report.md"
-    atomic_write(path, "\n".join(lines) + "\n")
-    return path
+    return "\n".join(lines) + "\n"
 
 
 def make_figures(cfg: QuickstartConfig, rows: list[benchmark.BenchRow], ids: list[str],
@@ -117,12 +105,10 @@ def make_figures(cfg: QuickstartConfig, rows: list[benchmark.BenchRow], ids: lis
     """quant.png (Dice against seconds per image; on the reference's images when there is one) and one panel
     per sampler over the first --panel_images of those images."""
     out = Path(cfg.out_dir)
-    split_file = Path(rows[0].folder) / "split.json"
-    by_id = {p.id: p for p in datasets.list_pairs(cfg.data_name, cfg.data_dir, "test", split_file=split_file)}
-    pairs = [by_id[i] for i in ids[:cfg.panel_images]]
+    pairs = benchmark.pairs_of(rows[0], (cfg.data_name, cfg.data_dir), "test", ids[:cfg.panel_images])
     made = []
     for r in rows:
-        dice = benchmark.per_image(r)["dice"]
+        dice = r.per_image["dice"]
         made.append(figures.example_grid(
             pairs, [figures.Column("fused mask", Path(r.folder)),
                     figures.Column("uncertainty", Path(r.folder), "uncertainty")],
@@ -164,19 +150,20 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Path]:
     ckpt = train_model(cfg, info)
     base = SampleConfig(model_path=str(ckpt), data_name=cfg.data_name, data_dir=cfg.data_dir, split="test",
                         batch_size=4, seed=cfg.seed, device=cfg.device, num_workers=0)
-    data, samples = (cfg.data_name, cfg.data_dir), out / "samples"
+    data, samples = (cfg.data_name, cfg.data_dir), out / QUICKSTART_SAMPLES
     plan = [("ddpm", cfg.diffusion_steps, cfg.ddpm_images)] if cfg.ddpm_images else []
     plan += [(name, steps, cfg.max_images) for name, steps in configs]
     print("[2/3] sampling the test images: " + ", ".join(
         f"{n} {k} steps on {m or 'all'}" for n, k, m in plan), flush=True)
-    rows = [benchmark.run_one(replace(base, max_images=m), n, k, cfg.num_ensemble, samples, info.device, data)
-            for n, k, m in plan]
-    ids = list(benchmark.per_image(rows[0]).index)
-    head = same_images_rows(rows, ids) if cfg.ddpm_images else []
+    rows = [benchmark.run_one(replace(base, max_images=m), benchmark.RowSpec(n, k), cfg.num_ensemble, samples,
+                              info.device, data) for n, k, m in plan]
+    ids = list(rows[0].per_image.index)
+    head = benchmark.on_images(rows, ids) if cfg.ddpm_images else []
     print("[3/3] figures and report", flush=True)
     made = make_figures(cfg, rows, ids, head)
-    report = write_report(cfg, ckpt, rows, head, ids, made, (time.perf_counter() - t0) / 60)
-    print("\n" + report.read_text())
+    text = report_text(cfg, ckpt, rows, head, ids, made, (time.perf_counter() - t0) / 60)
+    report = atomic_write(out / QUICKSTART_REPORT, text)
+    print("\n" + text)
     paths = {"model": ckpt, "report": report, **{p.stem: p for p in made},
              **{f"masks {row_tag(r)}": Path(r.folder) for r in rows}}
     print("written:\n" + "\n".join(f"  {k:<28} {v}" for k, v in paths.items()), flush=True)

@@ -29,6 +29,7 @@ from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
 from guided_diffusion.sampling.samplers import CountingModel, EnsembleResult, NoiseSource, SAMPLER_FNS, SamplerSpec
 from guided_diffusion.config import DiffusionConfig
 
+ADDPM = "addpm"  # the --sampler value; its manifest label is addpm-<chain sampler>
 HEAD = "head"
 
 
@@ -65,12 +66,6 @@ def forward_jump(diffusion: GaussianDiffusion, x0: torch.Tensor, pre_t: int, eps
     return diffusion.q_sample(x0, t, eps)
 
 
-@dataclass
-class AddpmResult(EnsembleResult):
-    """Members and NFE, with the NFE split into pre-segmentation, chain and denoiser."""
-    nfe_parts: dict = field(default_factory=dict)
-
-
 def check_pairing(chain: SamplerSpec, num_timesteps: int, has_denoiser: bool) -> tuple[int, int]:
     """(pre_t, stop_t) of a valid ADDPM chain: a denoiser exactly when the chain stops above x_0."""
     chain.validate(num_timesteps)
@@ -86,7 +81,7 @@ def check_pairing(chain: SamplerSpec, num_timesteps: int, has_denoiser: bool) ->
 @torch.inference_mode()
 def sample_addpm_ensemble(model, diffusion: GaussianDiffusion, images: torch.Tensor, num_ensemble: int,
                           chain: SamplerSpec, seeds: list[int], preseg, denoiser=None,
-                          soft_preseg: bool = False) -> AddpmResult:
+                          soft_preseg: bool = False) -> EnsembleResult:
     """ADDPM for a batch of images, `num_ensemble` members each, all members in one batch (see module doc)."""
     pre_t, stop_t = check_pairing(chain, diffusion.num_timesteps, denoiser is not None)
     b, size, n = images.shape[0], images.shape[-2:], num_ensemble
@@ -103,7 +98,7 @@ def sample_addpm_ensemble(model, diffusion: GaussianDiffusion, images: torch.Ten
     else:
         prob = (x.float().clamp(-1, 1) + 1) / 2
     parts = {"preseg": preseg.nfe, "chain": counting.nfe, "denoiser": int(denoiser is not None)}
-    return AddpmResult(prob.reshape(b, n, *size), sum(parts.values()), parts)
+    return EnsembleResult(prob.reshape(b, n, *size), sum(parts.values()), parts)
 
 
 @dataclass
@@ -115,8 +110,20 @@ class AddpmSampler:
     soft_preseg: bool = False
     aux: list[LoadedAux] = field(default_factory=list)
 
+    @property
+    def spec(self) -> SamplerSpec:
+        return self.chain
+
+    @property
+    def label(self) -> str:
+        return label_of(self.chain.sampler)
+
+    def record(self) -> dict:
+        """ADDPM's manifest columns: the chain's levels and the pre-segmentation."""
+        return {"pre_t": self.chain.t_start, "stop_t": self.chain.t_end, "preseg": self.preseg.label}
+
     def sample(self, model, diffusion: GaussianDiffusion, images: torch.Tensor, num_ensemble: int,
-               seeds: list[int]) -> AddpmResult:
+               seeds: list[int]) -> EnsembleResult:
         return sample_addpm_ensemble(model, diffusion, images, num_ensemble, self.chain, seeds, self.preseg,
                                      self.denoiser, self.soft_preseg)
 
@@ -127,6 +134,17 @@ class AddpmSampler:
             if trained:
                 print(f"warning: {len(trained)} of the {len(ids)} images to sample were training images of "
                       f"{aux.ckpt['path']}; train it with --split_from <the diffusion run>", file=sys.stderr)
+
+
+def label_of(chain_sampler: str) -> str:
+    """The manifest label of ADDPM with that chain: addpm-<sampler>."""
+    return f"{ADDPM}-{chain_sampler}"
+
+
+def chain_of(label: str) -> str | None:
+    """The chain sampler of an ADDPM label (addpm-ddpm -> ddpm), None for a plain sampler's label."""
+    head, _, chain = label.partition("-")
+    return chain if head == ADDPM and chain else None
 
 
 def check_denoiser(den: LoadedAux, diffusion_cfg: DiffusionConfig, stop_t: int) -> None:

@@ -1,7 +1,11 @@
-"""Sample the masks of a data split with a trained checkpoint, fuse the ensemble, write the prediction folder.
+"""The sampling pipeline: sample the masks of a data split with a trained checkpoint, fuse each ensemble, write
+the prediction folder. Three stages: `prepare` (flags, model, strategy, split, the images still to do), `run`
+(sample, fuse, write; a typed SamplingSummary), and `run_sampling`, both in one call.
 
 The checkpoint is the single source of the model, the diffusion schedule, the data set and its split;
-sampling flags that contradict it are an error. Outputs follow DESIGN.md (see outputs.PredictionWriter).
+sampling flags that contradict it are an error. A strategy (samplers.Strategy) turns images into ensemble
+members: a plain sampler from pure noise (samplers.FromNoise) or ADDPM's truncated process (addpm.AddpmSampler).
+The folder's layout is the README's "Sample" section (layout.py, outputs.PredictionWriter).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from guided_diffusion.layout import SPLIT_FILE
 from guided_diffusion.sampling.ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
 from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
 from guided_diffusion.sampling.outputs import PredictionWriter
-from guided_diffusion.sampling.samplers import SAMPLERS, SamplerSpec, image_seed, sample_ensemble
+from guided_diffusion.sampling.samplers import SAMPLERS, FromNoise, SamplerSpec, Strategy, image_seed
 from guided_diffusion.config import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
 
 
@@ -120,10 +124,10 @@ def resolve_spec(cfg: SampleConfig, diffusion_steps_flag: int | None, num_timest
     """The sampler to run, from --sampler/--steps and the seed's --dpm_solver/--diffusion_steps; for addpm, the
     chain from x_{pre_t} down to x_{stop_t}."""
     _check_sampler_flags(cfg)
-    addpm = cfg.sampler == "addpm"
+    truncated = cfg.sampler == addpm.ADDPM
     default = "dpm_solver++" if cfg.dpm_solver else "ddpm"
-    sampler = (cfg.addpm_inner or default) if addpm else (cfg.sampler or default)
-    start, end = addpm_levels(cfg, num_timesteps) if addpm else (num_timesteps, 0)
+    sampler = (cfg.addpm_inner or default) if truncated else (cfg.sampler or default)
+    start, end = addpm_levels(cfg, num_timesteps) if truncated else (num_timesteps, 0)
     steps = cfg.steps
     if not steps:
         if cfg.dpm_solver and diffusion_steps_flag:
@@ -132,7 +136,7 @@ def resolve_spec(cfg: SampleConfig, diffusion_steps_flag: int | None, num_timest
             span = start - end
             steps = {"ddpm": span, "ddim": min(50, span)}.get(sampler, min(20, span))
     spec = SamplerSpec(sampler=sampler, steps=steps, order=cfg.order, skip_type=cfg.skip_type,
-                       method=cfg.method, eta=cfg.eta, t_start=start if addpm else None, t_end=end)
+                       method=cfg.method, eta=cfg.eta, t_start=start if truncated else None, t_end=end)
     spec.validate(num_timesteps)
     return spec
 
@@ -146,9 +150,10 @@ def addpm_levels(cfg: SampleConfig, num_timesteps: int) -> tuple[int, int]:
 
 def _check_sampler_flags(cfg: SampleConfig) -> None:
     """--sampler is known; ADDPM's flags go with --sampler addpm only."""
-    if cfg.sampler and cfg.sampler not in (*SAMPLERS, "addpm"):
-        raise ValueError(f"--sampler must be one of {', '.join((*SAMPLERS, 'addpm'))}, got {cfg.sampler!r}")
-    if cfg.sampler == "addpm":
+    choices = (*SAMPLERS, addpm.ADDPM)
+    if cfg.sampler and cfg.sampler not in choices:
+        raise ValueError(f"--sampler must be one of {', '.join(choices)}, got {cfg.sampler!r}")
+    if cfg.sampler == addpm.ADDPM:
         if cfg.addpm_inner and cfg.addpm_inner not in SAMPLERS:
             raise ValueError(f"--addpm_inner must be one of {', '.join(SAMPLERS)}, got {cfg.addpm_inner!r}")
         return
@@ -166,7 +171,18 @@ def preseg_source(cfg: SampleConfig) -> str:
     return cfg.preseg or cfg.preseg_path
 
 
+def build_strategy(cfg: SampleConfig, lm: LoadedModel, model_flags: dict, device: torch.device) -> Strategy:
+    """The sampling strategy the flags ask for: a plain sampler from pure noise, or ADDPM's truncated process."""
+    spec = resolve_spec(cfg, model_flags.get("diffusion_steps"), lm.diffusion.num_timesteps)
+    if cfg.sampler == addpm.ADDPM:
+        return addpm.load_addpm(spec, lm.diffusion_cfg, lm.model_cfg.image_size, preseg_source(cfg),
+                                cfg.denoiser_path, device, cfg.use_ema, cfg.preseg_soft)
+    return FromNoise(spec)
+
+
 def _validate(cfg: SampleConfig) -> None:
+    if not cfg.model_path:
+        raise ValueError("--model_path is required (a checkpoint file or a training run folder)")
     if cfg.num_ensemble < 1 or cfg.batch_size < 1:
         raise ValueError("--num_ensemble and --batch_size must be >= 1")
     if cfg.fusion not in FUSIONS:
@@ -210,27 +226,45 @@ class BatchTimer:
             self.seconds = time.perf_counter() - self._t0
 
 
-def batch_sampler(lm: LoadedModel, spec: SamplerSpec, plan: addpm.AddpmSampler | None, num_ensemble: int):
-    """(images, seeds) -> EnsembleResult: the plain samplers, or ADDPM when a plan is given."""
-    if plan is None:
-        return lambda images, seeds: sample_ensemble(lm.model, lm.diffusion, images, num_ensemble, spec, seeds)
-    return lambda images, seeds: plan.sample(lm.model, lm.diffusion, images, num_ensemble, seeds)
+@dataclass
+class SamplingSummary:
+    """What one sampling run did, over every rank's shard."""
+    sampler: str          # the manifest's sampler label (e.g. dpm_solver++, addpm-ddpm)
+    steps: int
+    num_ensemble: int
+    images: int           # sampled now
+    skipped: int          # already in --out_dir from an earlier run
+    seconds: float        # sampling time of the images sampled now
+    nfe: int              # network evaluations per member
+    nfe_parts: dict       # ADDPM: pre-segmentation, chain and denoiser parts of nfe
+    settings: dict        # the strategy's own manifest columns (ADDPM: pre_t, stop_t, preseg)
+    out_dir: str
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(self.images, 1)
 
 
-def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: int = 0,
-                 world_size: int = 1) -> dict:
-    """Sample every image of the split not already done; returns a summary (images, seconds, nfe)."""
+@dataclass
+class SamplingJob:
+    """A prepared run: the model, the strategy, this rank's images still to do, and where they go."""
+    cfg: SampleConfig
+    lm: LoadedModel
+    strategy: Strategy
+    pairs: list            # this rank's share of the split (datasets.Pair)
+    todo: list[int]        # indices into pairs not yet in out_dir
+    writer: PredictionWriter
+    device: torch.device
+    rank: int = 0
+
+
+def prepare(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: int = 0,
+            world_size: int = 1) -> SamplingJob:
+    """Check the flags, load the model and the strategy, write the split, list this rank's images to do."""
     _validate(cfg)
-    if not cfg.model_path:
-        raise ValueError("--model_path is required (a checkpoint file or a training run folder)")
     lm = load_model(cfg.model_path, device, cfg.use_ema, cfg.compile, cfg.channels_last)
     check_flags_against_checkpoint(model_flags, lm.ckpt, cfg.dpm_solver)
-    spec = resolve_spec(cfg, model_flags.get("diffusion_steps"), lm.diffusion.num_timesteps)
-    plan = None
-    if cfg.sampler == "addpm":
-        plan = addpm.load_addpm(spec, lm.diffusion_cfg, lm.model_cfg.image_size, preseg_source(cfg),
-                                cfg.denoiser_path, device, cfg.use_ema, cfg.preseg_soft)
-
+    strategy = build_strategy(cfg, lm, model_flags, device)
     data = lm.ckpt["config"]["data"]
     data_name, data_dir = cfg.data_name or data["data_name"], cfg.data_dir or data["data_dir"]
     out_dir = Path(cfg.out_dir)
@@ -243,31 +277,34 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
         else:
             datasets.save_split(datasets.resolve_split(data_name, data_dir, seed=data.get("split_seed", 0)),
                                 split_path)
-    _barrier()
+    distributed.barrier()
     pairs = datasets.list_pairs(data_name, data_dir, cfg.split, split_file=split_path)
     if cfg.max_images:
         pairs = pairs[:cfg.max_images]
-    if plan is not None and rank == 0:
-        plan.warn_if_trained_on([p.id for p in pairs])
+    if rank == 0:
+        strategy.warn_if_trained_on([p.id for p in pairs])
     pairs = pairs[rank::world_size]
-    by_id = {p.id: p for p in pairs}
     writer = PredictionWriter(out_dir, save_overlays=cfg.save_overlays, overwrite=cfg.overwrite)
     todo = [i for i, p in enumerate(pairs) if not writer.done(p.id)]
-    dataset = datasets.SegmentationDataset(pairs, lm.model_cfg.image_size, augment=False)
-    loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    return SamplingJob(cfg, lm, strategy, pairs, todo, writer, device, rank)
+
+
+def run(job: SamplingJob) -> SamplingSummary:
+    """Sample, fuse and write every image still to do; the summary over every rank's shard."""
+    cfg, lm, strategy, device = job.cfg, job.lm, job.strategy, job.device
+    dataset = datasets.SegmentationDataset(job.pairs, lm.model_cfg.image_size, augment=False)
+    loader = DataLoader(Subset(dataset, job.todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    label = f"addpm-{spec.sampler}" if plan is not None else spec.sampler
-    record_base = {"sampler": label, "steps": spec.steps, "num_ensemble": cfg.num_ensemble,
-                   "fusion": cfg.fusion, "split": cfg.split}
-    if plan is not None:
-        record_base.update(pre_t=spec.t_start, stop_t=spec.t_end, preseg=plan.preseg.label)
-    sample = batch_sampler(lm, spec, plan, cfg.num_ensemble)
+    by_id = {p.id: p for p in job.pairs}
+    record_base = {"sampler": strategy.label, "steps": strategy.spec.steps, "num_ensemble": cfg.num_ensemble,
+                   "fusion": cfg.fusion, "split": cfg.split, **strategy.record()}
     warmup = cfg.warmup if cfg.warmup >= 0 else int(device.type == "cuda")
     total_s, nfe, nfe_parts = 0.0, 0, {}
-    bar = tqdm(total=len(todo), desc=f"sample {label}-{spec.steps}", unit="img", disable=rank != 0,
-               dynamic_ncols=True)
-    if rank == 0 and len(todo) < len(pairs):
-        print(f"{len(pairs) - len(todo)} of {len(pairs)} images already in {out_dir}: skipped "
+    main = job.rank == 0
+    bar = tqdm(total=len(job.todo), desc=f"sample {strategy.label}-{strategy.spec.steps}", unit="img",
+               disable=not main, dynamic_ncols=True)
+    if main and len(job.todo) < len(job.pairs):
+        print(f"{len(job.pairs) - len(job.todo)} of {len(job.pairs)} images already in {cfg.out_dir}: skipped "
               f"(--overwrite True to resample them)", flush=True)
     try:
         for batch in loader:
@@ -279,36 +316,36 @@ def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, ran
             seeds = [image_seed(cfg.seed, i) for i in ids]
             for _ in range(warmup):  # untimed: cuDNN autotuning and torch.compile happen here
                 with sampling_autocast(cfg.amp, device):
-                    fuse(sample(images, seeds).members, cfg.fusion)
+                    fuse(strategy.sample(lm.model, lm.diffusion, images, cfg.num_ensemble, seeds).members,
+                         cfg.fusion)
             warmup = 0
             with BatchTimer(device) as timer:
                 with sampling_autocast(cfg.amp, device):
-                    result = sample(images, seeds)
+                    result = strategy.sample(lm.model, lm.diffusion, images, cfg.num_ensemble, seeds)
                 fused = fuse(result.members, cfg.fusion)
                 unc = uncertainty(result.members, cfg.uncertainty)
             per_image = timer.seconds / len(ids)
             total_s += per_image * len(ids)
-            nfe, nfe_parts = result.nfe, getattr(result, "nfe_parts", {})
+            nfe, nfe_parts = result.nfe, result.nfe_parts
             for k, image_id in enumerate(ids):
                 size = tuple(int(v) for v in batch["orig_size"][k])
                 image = np.asarray(datasets.load_image(by_id[image_id].image)) if cfg.save_overlays else None
-                writer.write(image_id, fused[k].cpu(), unc[k].cpu(), size, image=image,
-                             record={**record_base, "id": image_id, "nfe": result.nfe,
-                                     **{f"nfe_{part}": n for part, n in nfe_parts.items()},
-                                     "seconds": round(per_image, 4)})
+                job.writer.write(image_id, fused[k].cpu(), unc[k].cpu(), size, image=image,
+                                 record={**record_base, "id": image_id, "nfe": result.nfe,
+                                         **{f"nfe_{part}": n for part, n in nfe_parts.items()},
+                                         "seconds": round(per_image, 4)})
             bar.update(len(ids))
     finally:
         bar.close()
-        writer.close()
+        job.writer.close()
     # under torchrun: the totals over every rank's shard (each rank timed its own images)
-    done, skipped, total_s = distributed.all_reduce_sum([len(todo), len(pairs) - len(todo), total_s], device)
-    return {"images": int(done), "skipped": int(skipped), "seconds": total_s, "nfe": nfe,
-            "nfe_parts": nfe_parts, "sampler": label, "steps": spec.steps, "out_dir": str(out_dir),
-            "addpm": {k: record_base[k] for k in ("pre_t", "stop_t", "preseg") if k in record_base}}
+    done, skipped, total_s = distributed.all_reduce_sum([len(job.todo), len(job.pairs) - len(job.todo), total_s],
+                                                        device)
+    return SamplingSummary(strategy.label, strategy.spec.steps, cfg.num_ensemble, int(done), int(skipped), total_s,
+                           nfe, nfe_parts, strategy.record(), str(cfg.out_dir))
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
+def run_sampling(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: int = 0,
+                 world_size: int = 1) -> SamplingSummary:
+    """Sample every image of the split not already done (prepare, then run)."""
+    return run(prepare(cfg, model_flags, device, rank, world_size))

@@ -13,8 +13,8 @@ levels are visited. Network evaluations are counted by `CountingModel`, never by
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -198,9 +198,11 @@ def respaced(diffusion: GaussianDiffusion, use_timesteps: list[int]) -> Gaussian
 
 @dataclass
 class EnsembleResult:
-    """Members as foreground probabilities in [0, 1], (B, N, H, W), and the network evaluations spent."""
+    """Members as foreground probabilities in [0, 1], (B, N, H, W), and the network evaluations spent per member
+    (with its parts, where a strategy has several networks: ADDPM's pre-segmentation, chain and denoiser)."""
     members: torch.Tensor
     nfe: int
+    nfe_parts: dict = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -221,3 +223,42 @@ def sample_ensemble(model, diffusion: GaussianDiffusion, images: torch.Tensor, n
     x0 = SAMPLER_FNS[spec.sampler](counting, diffusion, x_T, spec, noise)
     members = ((x0.float().clamp(-1, 1) + 1) / 2).reshape(b, num_ensemble, *size)
     return EnsembleResult(members, counting.nfe)
+
+
+class Strategy(Protocol):
+    """How the pipeline turns a batch of images into ensemble members (sampling/pipeline.py)."""
+    spec: SamplerSpec
+
+    @property
+    def label(self) -> str:
+        """The manifest's sampler column."""
+
+    def record(self) -> dict:
+        """The strategy's own manifest columns."""
+
+    def sample(self, model, diffusion: GaussianDiffusion, images: torch.Tensor, num_ensemble: int,
+               seeds: list[int]) -> EnsembleResult:
+        """`num_ensemble` members per image."""
+
+    def warn_if_trained_on(self, ids: list[str]) -> None:
+        """Warn when an image to be sampled was a training image of a network the strategy brings."""
+
+
+@dataclass
+class FromNoise:
+    """A plain sampler: every member from pure noise x_T down to the mask x_0 (spec.sampler)."""
+    spec: SamplerSpec
+
+    @property
+    def label(self) -> str:
+        return self.spec.sampler
+
+    def record(self) -> dict:
+        return {}
+
+    def sample(self, model, diffusion: GaussianDiffusion, images: torch.Tensor, num_ensemble: int,
+               seeds: list[int]) -> EnsembleResult:
+        return sample_ensemble(model, diffusion, images, num_ensemble, self.spec, seeds)
+
+    def warn_if_trained_on(self, ids: list[str]) -> None:
+        """The diffusion model's own split is the one sampled: nothing to warn about."""
