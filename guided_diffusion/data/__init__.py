@@ -1,0 +1,1 @@
+"""Data sets: listing image/mask pairs in each layout, splits, loading and joint augmentation, the built-in synthetic set."""
