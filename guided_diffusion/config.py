@@ -39,6 +39,11 @@ class ModelConfig:
     class_cond: bool = field(default=False, metadata={"help": "class-conditional model (not supported: masks carry no class)"})
     use_scale_shift_norm: bool = field(default=False, metadata={"help": "FiLM-style timestep conditioning in the residual blocks"})
     use_checkpoint: bool = field(default=False, metadata={"help": "gradient checkpointing (less memory, slower)"})
+    image_concat: bool = field(default=False, metadata={"help": "also give the mask path the image itself, beside x_t "
+                                                                "(besides the image encoder's fused features)"})
+    network: str = field(default="medsegdiff", metadata={"help": "medsegdiff (MedSegDiff's UNet: image encoder, "
+                                                                 "dynamic conditional fusion, FF-Parser) or unet (a "
+                                                                 "plain UNet on [x_t, image], the baseline's backbone)"})
 
 
 @dataclass
@@ -49,6 +54,25 @@ class DiffusionConfig:
     learn_sigma: bool = field(default=True, metadata={"help": "learn the reverse variance (hybrid loss)"})
     rescale_learned_sigmas: bool = field(default=False, metadata={"help": "scale the VLB term by T/1000"})
     rescale_timesteps: bool = field(default=False, metadata={"help": "feed the network t*1000/T instead of t"})
+    prediction: str = field(default="eps", metadata={"help": "what the network predicts: eps (the noise), x0 (the "
+                                                             "clean mask) or v (Salimans & Ho 2022)"})
+    predict_xstart: bool = field(default=False, metadata={"help": "guided-diffusion's flag: True is --prediction x0"})
+    mask_scale: float = field(default=1.0, metadata={"help": "masks are diffused as {-b, b} with b this value (Chen "
+                                                             "2023: a smaller b hides the mask at lower noise levels)"})
+    self_condition: bool = field(default=False, metadata={"help": "feed the previous x0 estimate back to the network "
+                                                                  "(Analog Bits self-conditioning)"})
+    x0_tanh: bool = field(default=False, metadata={"help": "with --prediction x0: the network's x0 is b tanh(output), "
+                                                           "bounded to the mask range (foreground probability "
+                                                           "sigmoid(2 output))"})
+
+    def __post_init__(self):
+        """--predict_xstart True is --prediction x0; any other prediction beside it is a contradiction."""
+        if self.predict_xstart:
+            if self.prediction not in (None, "eps", "x0"):
+                raise ValueError(f"--predict_xstart True contradicts --prediction {self.prediction}")
+            self.prediction = "x0"
+        elif self.predict_xstart is not None and self.prediction is not None:
+            self.predict_xstart = self.prediction == "x0"  # kept in step, so the checkpoint never disagrees
 
 
 @dataclass
@@ -109,8 +133,29 @@ def with_default(base, name: str, default):
 
 @dataclass
 class TrainConfig(RunConfig):
-    """The diffusion model's optimisation run: the common run settings and the calibration-head weight."""
+    """The diffusion model's optimisation run: the common run settings and the loss (training/diffusion.py)."""
     cal_weight: float = field(default=1.0, metadata={"help": "weight of the image-encoder Dice+BCE head loss"})
+    mse_weight: float = field(default=1.0, metadata={"help": "weight of the MSE on the prediction target (eps, x0 or "
+                                                             "v)"})
+    mask_loss_weight: float = field(default=0.0, metadata={"help": "weight of Dice + BCE on the x0 estimate, read as "
+                                                                   "a foreground probability"})
+    self_condition_rate: float = field(default=0.5, metadata={"help": "with --self_condition True: the fraction of "
+                                                                      "steps that first estimate x0 and feed it back"})
+    recycle: bool = field(default=False, metadata={"help": "recycling (Fu et al. 2023): noise the model's own x0 "
+                                                           "estimate from pure noise, not the ground truth, to x_t"})
+    t_power: float = field(default=1.0, metadata={"help": "training timesteps floor(T u^(1/p)) for uniform u: 1 is "
+                                                          "uniform, > 1 draws the noisy levels more often"})
+    preset: str = field(default="none", metadata={"help": "cpu: the small-CPU recipe measured best (README, "
+                                                          "'Quality'); every flag given explicitly wins over it"})
+
+
+# The recipes behind --preset: values for flags the user did not give (measured in the README's "Quality" section).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(network="unet", num_channels=16, num_res_blocks=1, attention_resolutions="", learn_sigma=False,
+                prediction="x0", x0_tanh=True, mask_scale=0.1, self_condition=True, mask_loss_weight=1.0,
+                t_power=0.5, batch_size=8, lr=1e-3, ema_rate=0.995, num_workers=0, save_interval=1000,
+                log_interval=50),
+}
 
 
 def _arg_type(f: dataclasses.Field):
@@ -127,6 +172,36 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, use_def
         group.add_argument(f"--{f.name}", type=_arg_type(f), default=default,
                            metavar=f.name.upper() if _arg_type(f) is not str2bool else "True|False",
                            help=f.metadata.get("help", "") + shown)
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse argv with the defaults of its --preset (none: the plain defaults); flags given explicitly win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="none")
+    name = pre.parse_known_args(argv)[0].preset
+    if name != "none":
+        if name not in PRESETS:
+            parser.error(f"--preset must be none or {', '.join(PRESETS)}, got {name!r}")
+        parser.set_defaults(**PRESETS[name])
+    return parser.parse_args(argv)
+
+
+def train_parser(description: str = "") -> argparse.ArgumentParser:
+    """The flags of scripts/segmentation_train.py: data, model, diffusion and training groups."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, DataConfig, "data")
+    add_dataclass_args(parser, ModelConfig, "model")
+    add_dataclass_args(parser, DiffusionConfig, "diffusion")
+    add_dataclass_args(parser, TrainConfig, "training")
+    return parser
+
+
+def parse_train_args(argv=None, description: str = "") -> tuple[ModelConfig, DiffusionConfig, DataConfig,
+                                                                 TrainConfig]:
+    """segmentation_train.py's configs from its command line (with --preset)."""
+    ns = parse_with_preset(train_parser(description), argv)
+    return (from_namespace(ModelConfig, ns), from_namespace(DiffusionConfig, ns), from_namespace(DataConfig, ns),
+            from_namespace(TrainConfig, ns))
 
 
 def from_namespace(cls, ns: argparse.Namespace):
@@ -166,14 +241,31 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
         raise ValueError(f"--noise_schedule must be linear or cosine, got {diffusion.noise_schedule!r}")
     if diffusion.diffusion_steps < 2:
         raise ValueError(f"--diffusion_steps must be >= 2, got {diffusion.diffusion_steps}")
+    if model.network not in ("medsegdiff", "unet"):
+        raise ValueError(f"--network must be medsegdiff or unet, got {model.network!r}")
+    if model.network == "unet" and model.image_concat:
+        raise ValueError("--image_concat is for --network medsegdiff: --network unet always concatenates the image")
+    if diffusion.prediction not in ("eps", "x0", "v"):
+        raise ValueError(f"--prediction must be eps, x0 or v, got {diffusion.prediction!r}")
+    if diffusion.x0_tanh and diffusion.prediction != "x0":
+        raise ValueError(f"--x0_tanh True bounds an x0 prediction: it needs --prediction x0, got {diffusion.prediction}")
+    if not diffusion.mask_scale > 0:
+        raise ValueError(f"--mask_scale must be > 0, got {diffusion.mask_scale}")
 
 
 def create_model(model: ModelConfig, diffusion: DiffusionConfig):
-    """The one model factory: a MedSegDiffUNet from the configs."""
-    from guided_diffusion.network.unet import MedSegDiffUNet, default_channel_mult, parse_attention_resolutions
+    """The one model factory: a MedSegDiffUNet (or, with --network unet, a ConcatUNet) from the configs."""
+    from guided_diffusion.network.unet import (ConcatUNet, MedSegDiffUNet, default_channel_mult,
+                                               parse_attention_resolutions)
 
     validate(model, diffusion)
     mult = parse_int_list(model.channel_mult, "--channel_mult") or default_channel_mult(model.image_size)
+    x0_tanh = diffusion.mask_scale if diffusion.x0_tanh else None
+    if model.network == "unet":
+        return ConcatUNet(image_size=model.image_size, model_channels=model.num_channels,
+                          num_res_blocks=model.num_res_blocks, channel_mult=mult, dropout=model.dropout,
+                          learn_sigma=diffusion.learn_sigma, self_condition=diffusion.self_condition,
+                          x0_tanh_scale=x0_tanh)
     return MedSegDiffUNet(
         image_size=model.image_size,
         model_channels=model.num_channels,
@@ -186,6 +278,9 @@ def create_model(model: ModelConfig, diffusion: DiffusionConfig):
         learn_sigma=diffusion.learn_sigma,
         dropout=model.dropout,
         use_checkpoint=model.use_checkpoint,
+        self_condition=diffusion.self_condition,
+        image_concat=model.image_concat,
+        x0_tanh_scale=x0_tanh,
     )
 
 
@@ -194,4 +289,4 @@ def create_gaussian_diffusion(cfg: DiffusionConfig):
     from guided_diffusion.diffusion.gaussian_diffusion import create_diffusion
 
     return create_diffusion(cfg.diffusion_steps, cfg.noise_schedule, cfg.learn_sigma,
-                            cfg.rescale_learned_sigmas, cfg.rescale_timesteps)
+                            cfg.rescale_learned_sigmas, cfg.rescale_timesteps, cfg.prediction, cfg.mask_scale)

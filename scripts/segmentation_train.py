@@ -1,5 +1,7 @@
 """Train a MedSegDiff-style diffusion segmenter (single process, or one process per GPU under torchrun).
 
+    python scripts/segmentation_train.py --preset cpu --data_name KVASIR --data_dir D --out_dir R --image_size 64 \
+        --max_minutes 10 --device cpu                                                  # the small-CPU recipe
     torchrun --nproc_per_node 4 scripts/segmentation_train.py ... --batch_size 8   # global batch 32
 """
 import argparse
@@ -10,28 +12,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion import distributed  # noqa: E402
 from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, add_dataclass_args,
-                                     from_namespace)
+from guided_diffusion.config import parse_train_args, train_parser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Each flag's help already ends with its default; the raw description keeps the torchrun example.
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, DataConfig, "data")
-    add_dataclass_args(parser, ModelConfig, "model")
-    add_dataclass_args(parser, DiffusionConfig, "diffusion")
-    add_dataclass_args(parser, TrainConfig, "training")
-    return parser
+    """Each flag's help already ends with its default; the raw description keeps the examples."""
+    return train_parser(__doc__)
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    model, diffusion, data, train = parse_train_args(argv, __doc__)
     from guided_diffusion.training.diffusion import DiffusionTrainer
 
-    info = distributed.setup(args.device)
+    info = distributed.setup(train.device)
     with distributed.worker(info):  # an error on one rank is recorded for torchrun, which then stops them all
-        DiffusionTrainer(from_namespace(ModelConfig, args), from_namespace(DiffusionConfig, args),
-                from_namespace(DataConfig, args), from_namespace(TrainConfig, args), info).run()
+        DiffusionTrainer(model, diffusion, data, train, info).run()
 
 
 if __name__ == "__main__":

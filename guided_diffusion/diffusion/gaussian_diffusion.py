@@ -3,8 +3,16 @@
 Notation follows Ho et al. 2020 ("DDPM", arXiv:2006.11239) and Nichol & Dhariwal 2021 ("Improved DDPM",
 arXiv:2102.09672): alpha_bar_t = prod_{s<=t} (1 - beta_s), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
 Timesteps are integer indices 0..T-1 into the arrays below (index 0 is the first, least noisy step).
-Masks live in [-1, 1] (foreground = +1). The network predicts eps (and, with learned sigma, the
-interpolation value v of Improved DDPM eq. 15 in a second channel).
+Masks live in [-b, b] (foreground = +b; b = --mask_scale, 1 by default; Chen 2023, "On the importance of noise
+scheduling for diffusion models", §2, scales the data to move the signal-to-noise ratio of every level).
+
+The network predicts one of three equivalent targets (--prediction; with a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)
+and x_t = a x_0 + s eps):
+  eps  the noise (DDPM eq. 11),                               x_0 = (x_t - s eps) / a
+  x0   the clean mask (DDPM's "predict x_0", §3.2),           eps = (x_t - a x_0) / s
+  v    a eps - s x_0 (Salimans & Ho 2022, "Progressive distillation", §4 and App. D),
+                                                              x_0 = a x_t - s v,  eps = s x_t + a v
+and, with learned sigma, the interpolation value of Improved DDPM eq. 15 in a second channel.
 """
 from __future__ import annotations
 
@@ -16,6 +24,30 @@ import torch
 import torch.nn.functional as F
 
 SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def x0_and_eps(kind: str, pred: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
+    """(x_0, eps) from the network's prediction of `kind` at a level with a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)
+    (broadcastable to x_t); exact inverses of `training_target`."""
+    if kind == "eps":
+        return (x_t - s * pred) / a, pred
+    if kind == "x0":
+        return pred, (x_t - a * pred) / s
+    if kind == "v":
+        return a * x_t - s * pred, s * x_t + a * pred
+    raise ValueError(f"--prediction must be one of {', '.join(PREDICTIONS)}, got {kind!r}")
+
+
+def training_target(kind: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """What a network of prediction `kind` is trained to output for x_t = a x0 + s eps."""
+    if kind == "eps":
+        return eps
+    if kind == "x0":
+        return x0
+    if kind == "v":
+        return a * eps - s * x0
+    raise ValueError(f"--prediction must be one of {', '.join(PREDICTIONS)}, got {kind!r}")
 
 
 def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
@@ -55,11 +87,17 @@ class GaussianDiffusion:
     """The discrete-time diffusion a model is trained with; the schedule always comes from here."""
 
     def __init__(self, betas: np.ndarray, learn_sigma: bool = False,
-                 rescale_learned_sigmas: bool = False, rescale_timesteps: bool = False):
+                 rescale_learned_sigmas: bool = False, rescale_timesteps: bool = False,
+                 prediction: str = "eps", mask_scale: float = 1.0):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"--prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+        if not mask_scale > 0:
+            raise ValueError(f"--mask_scale must be > 0, got {mask_scale}")
         self.num_timesteps = len(betas)
+        self.prediction, self.mask_scale = prediction, float(mask_scale)
         self.learn_sigma = learn_sigma
         self.rescale_learned_sigmas = rescale_learned_sigmas
         self.rescale_timesteps = rescale_timesteps
@@ -81,6 +119,20 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = t64(np.log(np.append(post_var[1], post_var[1:])))
         self.posterior_mean_coef1 = t64(betas * np.sqrt(ac_prev) / (1.0 - ac))        # DDPM eq. 7
         self.posterior_mean_coef2 = t64((1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac))
+        self.log_alpha = t64(0.5 * np.log(ac))  # log sqrt(alpha_bar), interpolated between the levels (alpha_sigma)
+
+    # ----- masks ------------------------------------------------------------------------------------
+    def mask_to_x0(self, mask: torch.Tensor) -> torch.Tensor:
+        """A {0, 1} mask (or a probability) as diffusion data in [-b, b]."""
+        return (mask * 2 - 1) * self.mask_scale
+
+    def x0_to_probability(self, x0: torch.Tensor) -> torch.Tensor:
+        """Diffusion data in [-b, b] as a foreground probability in [0, 1] (0.5 at x_0 = 0)."""
+        return ((x0.float() / self.mask_scale).clamp(-1, 1) + 1) / 2
+
+    def clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """x_0 estimates clamped to the mask range [-b, b]."""
+        return x0.clamp(-self.mask_scale, self.mask_scale)
 
     # ----- forward process ------------------------------------------------------------------------
     def q_mean_variance(self, x_start, t):
@@ -112,6 +164,27 @@ class GaussianDiffusion:
         t = t.float()
         return t * (1000.0 / self.num_timesteps) if self.rescale_timesteps else t
 
+    def alpha_sigma(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) at timestep indices t, shaped to broadcast over `ndim` dims. Integer
+        t reads the table; real-valued t (DPM-Solver between the levels) interpolates log sqrt(alpha_bar) linearly in
+        t, as dpm_solver.NoiseScheduleVP('discrete') does, so both see the same noise level."""
+        t = t.to(torch.float64)
+        lo = t.floor().clamp(0, self.num_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+        la = self.log_alpha.to(t.device)
+        log_a = la[lo.long()] + (t - lo) * (la[hi.long()] - la[lo.long()])
+        a = torch.exp(log_a)
+        s = torch.sqrt((1 - a * a).clamp(min=0))
+        shape = a.shape + (1,) * (ndim - 1)
+        return a.reshape(shape), s.reshape(shape)
+
+    def x0_and_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """(x_0, eps) estimates from the network's prediction channel(s) at timestep indices t (real-valued allowed)."""
+        if self.prediction == "eps" and not torch.is_floating_point(t):  # the table: DDPM's own formula
+            return self.predict_xstart_from_eps(x_t, t, pred), pred
+        a, s = self.alpha_sigma(t, x_t.ndim)
+        return x0_and_eps(self.prediction, pred, x_t, a.to(x_t.dtype), s.to(x_t.dtype))
+
     def predict_xstart_from_eps(self, x_t, t, eps):
         """x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
         nd, dt = x_t.ndim, x_t.dtype
@@ -125,7 +198,7 @@ class GaussianDiffusion:
                 / _gather(self.sqrt_recipm1_ac, t, nd).to(dt))
 
     def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor):
-        """(eps, variance values or None) from the network's output channels."""
+        """(prediction, variance values or None) from the network's output channels."""
         c = x_t.shape[1]
         if self.learn_sigma:
             if model_output.shape[1] != 2 * c:
@@ -141,7 +214,7 @@ class GaussianDiffusion:
         Fixed variance: beta tilde (DDPM's sigma_t^2 = beta tilde choice). Learned: Improved DDPM eq. 15,
         log Sigma = v log beta + (1 - v) log beta tilde, with the network's v in [-1, 1] mapped to [0, 1].
         """
-        eps, var_values = self.split_output(model_output, x_t)
+        pred, var_values = self.split_output(model_output, x_t)
         nd, dt = x_t.ndim, x_t.dtype
         if var_values is None:
             logvar = _gather(self.posterior_log_variance_clipped, t, nd).to(dt).expand_as(x_t)
@@ -150,26 +223,32 @@ class GaussianDiffusion:
             max_log = _gather(torch.log(self.betas), t, nd).to(dt)
             frac = (var_values + 1) / 2
             logvar = frac * max_log + (1 - frac) * min_log
-        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        pred_xstart, eps = self.x0_and_eps(pred, x_t, t)
         if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
+            pred_xstart = self.clip_x0(pred_xstart)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return {"mean": mean, "variance": torch.exp(logvar), "log_variance": logvar,
                 "pred_xstart": pred_xstart, "eps": eps}
 
     # ----- losses -----------------------------------------------------------------------------------
     def training_losses(self, model_output, x_start, x_t, t, noise) -> dict:
-        """Per-sample losses: eps MSE (DDPM eq. 14), plus the hybrid VLB term with learned sigma.
+        """Per-sample losses: MSE of the prediction target (eps: DDPM eq. 14; x0 or v: the same squared error on
+        that target), plus the hybrid VLB term with learned sigma. `noise` is the eps of x_t = a x_start + s eps.
 
-        With learned sigma the VLB term sees a frozen eps so it trains only the variance (Improved DDPM
+        With learned sigma the VLB term sees a frozen prediction so it trains only the variance (Improved DDPM
         §3.1, L_hybrid = L_simple + lambda L_vlb); --rescale_learned_sigmas multiplies it by T / 1000.
         """
-        eps, var_values = self.split_output(model_output, x_t)
-        mse = ((noise - eps.float()) ** 2).mean(dim=tuple(range(1, x_t.ndim)))
+        pred, var_values = self.split_output(model_output, x_t)
+        if self.prediction == "eps":
+            target = noise
+        else:
+            a, s = (_gather(arr, t, x_t.ndim).to(x_t.dtype) for arr in (self.sqrt_ac, self.sqrt_one_minus_ac))
+            target = training_target(self.prediction, x_start, noise, a, s)
+        mse = ((target.float() - pred.float()) ** 2).mean(dim=tuple(range(1, x_t.ndim)))
         out = {"mse": mse}
         loss = mse
         if var_values is not None:
-            frozen = torch.cat([eps.detach(), var_values], dim=1).float()
+            frozen = torch.cat([pred.detach(), var_values], dim=1).float()
             vb = self._vb_terms_bpd(frozen, x_start.float(), x_t.float(), t)
             if self.rescale_learned_sigmas:
                 vb = vb * (self.num_timesteps / 1000.0)
@@ -179,12 +258,14 @@ class GaussianDiffusion:
         return out
 
     def _vb_terms_bpd(self, model_output, x_start, x_t, t):
-        """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dim; decoder NLL at t = 0 (DDPM §3.3)."""
+        """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dim; decoder NLL at t = 0 (DDPM §3.3), on the data
+        divided by the mask scale so its 256 bins span [-1, 1] as in DDPM."""
         true_mean, _, true_logvar = self.q_posterior_mean_variance(x_start, x_t, t)
         p = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
         kl = normal_kl(true_mean, true_logvar, p["mean"], p["log_variance"])
         kl = kl.mean(dim=tuple(range(1, x_t.ndim))) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"])
+        b = self.mask_scale
+        nll = -discretized_gaussian_log_likelihood(x_start / b, p["mean"] / b, 0.5 * p["log_variance"] - math.log(b))
         nll = nll.mean(dim=tuple(range(1, x_t.ndim))) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
@@ -201,11 +282,11 @@ class GaussianDiffusion:
     def ddim_step(self, model_output, x_t, t, t_prev, eta: float = 0.0, noise=None,
                   clip_denoised: bool = True) -> StepOutput:
         """One DDIM step from index t to index t_prev < t (Song et al. 2021 eq. 12); t_prev = -1 means x_0."""
-        eps, _ = self.split_output(model_output, x_t)
+        pred, _ = self.split_output(model_output, x_t)
         nd, dt = x_t.ndim, x_t.dtype
-        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        pred_xstart, eps = self.x0_and_eps(pred, x_t, t)
         if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
+            pred_xstart = self.clip_x0(pred_xstart)
             eps = self.predict_eps_from_xstart(x_t, t, pred_xstart)
         a_t = _gather(self.alphas_cumprod, t, nd).to(dt)
         ac_ext = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
@@ -245,10 +326,12 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def create_diffusion(diffusion_steps: int, noise_schedule: str, learn_sigma: bool,
-                     rescale_learned_sigmas: bool = False, rescale_timesteps: bool = False) -> GaussianDiffusion:
+                     rescale_learned_sigmas: bool = False, rescale_timesteps: bool = False,
+                     prediction: str = "eps", mask_scale: float = 1.0) -> GaussianDiffusion:
     """The diffusion a run is trained with, from its config values."""
     return GaussianDiffusion(get_named_beta_schedule(noise_schedule, diffusion_steps), learn_sigma=learn_sigma,
-                             rescale_learned_sigmas=rescale_learned_sigmas, rescale_timesteps=rescale_timesteps)
+                             rescale_learned_sigmas=rescale_learned_sigmas, rescale_timesteps=rescale_timesteps,
+                             prediction=prediction, mask_scale=mask_scale)
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

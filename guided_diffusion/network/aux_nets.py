@@ -48,7 +48,8 @@ class AuxUNet(nn.Module):
     to [-1, 1], the range of the masks.
     """
 
-    def __init__(self, cfg: AuxNetConfig, in_channels: int, image_channels: int = 3, timed: bool = False):
+    def __init__(self, cfg: AuxNetConfig, in_channels: int, image_channels: int = 3, timed: bool = False,
+                 out_channels: int = 1):
         super().__init__()
         from guided_diffusion.network.unet import default_channel_mult
 
@@ -82,7 +83,7 @@ class AuxUNet(nn.Module):
             ch = widths[k]
             if k > 0:
                 self.ups.append(Upsample(ch))
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, 1, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def _embed(self, t: Tensor | None, batch: int) -> Tensor | None:
         """Timestep embedding (Ho et al. 2020 App. B) of the diffusion index t, or None for a time-free net."""
@@ -154,8 +155,12 @@ class LoadedAux:
 def load_aux(path: str | Path, kind: str, device: torch.device, use_ema: bool = True,
              flag: str = "--model_path") -> LoadedAux:
     """Build the network from its checkpoint's config and load its (EMA) weights, in eval mode."""
-    ckpt = load_checkpoint(path, flag, kind=kind)
+    return aux_from_checkpoint(load_checkpoint(path, flag, kind=kind), device, use_ema)
+
+
+def aux_from_checkpoint(ckpt: dict, device: torch.device, use_ema: bool = True) -> LoadedAux:
+    """The auxiliary network of a loaded checkpoint of kind preseg or denoiser, in eval mode."""
     cfg = from_dict(AuxNetConfig, ckpt["config"]["net"])
-    net = build_network(kind, cfg)
+    net = build_network(ckpt["kind"], cfg)
     net.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     return LoadedAux(net.to(device).eval(), cfg, ckpt)

@@ -83,24 +83,27 @@ class Condition(NamedTuple):
     """Image-encoder output, independent of t and x_t: cache it per image and reuse it at every sampling step."""
 
     features: list[Tensor]  # one (B, C_k, H/2^k, W/2^k) map per UNet level, already at the mask path's width
-    calib_logits: Tensor  # (B, 1, H, W) one-pass pre-segmentation logits (MedSegDiff's calibration output)
+    calib_logits: Tensor | None  # (B, 1, H, W) one-pass pre-segmentation logits (MedSegDiff's calibration output)
+    image: Tensor | None = None  # the image in [-1, 1], kept for a model that also concatenates it to x_t
 
     @property
     def batch_size(self) -> int:
         """Number of images the condition was computed for."""
-        return self.calib_logits.shape[0]
+        return next(t for t in (self.calib_logits, self.image) if t is not None).shape[0]
+
+    def _map(self, fn) -> Condition:
+        return Condition([fn(f) for f in self.features], *(None if t is None else fn(t)
+                                                           for t in (self.calib_logits, self.image)))
 
     def repeat_interleave(self, n: int) -> Condition:
         """Repeat every image n times along the batch (img0 x n, img1 x n, ...) for n ensemble members per image."""
         if n < 1:
             raise ValueError(f"repeat count must be >= 1, got {n}")
-        return Condition(
-            [f.repeat_interleave(n, dim=0) for f in self.features], self.calib_logits.repeat_interleave(n, dim=0)
-        )
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
 
     def to(self, *args, **kwargs) -> Condition:
         """Move/cast every tensor like Tensor.to."""
-        return Condition([f.to(*args, **kwargs) for f in self.features], self.calib_logits.to(*args, **kwargs))
+        return self._map(lambda t: t.to(*args, **kwargs))
 
 
 class FFParser(nn.Module):
@@ -256,6 +259,9 @@ class MedSegDiffUNet(nn.Module):
         mask_channels: int = 1,
         num_classes: int | None = None,
         use_checkpoint: bool = False,
+        self_condition: bool = False,
+        image_concat: bool = False,
+        x0_tanh_scale: float | None = None,
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult) if channel_mult is not None else default_channel_mult(image_size)
@@ -272,6 +278,9 @@ class MedSegDiffUNet(nn.Module):
         self.num_classes = num_classes
         self.mask_channels = mask_channels
         self.image_channels = image_channels
+        self.self_condition = self_condition
+        self.image_concat = image_concat
+        self.x0_tanh_scale = x0_tanh_scale
         self.learn_sigma = learn_sigma
         self.out_channels = mask_channels * (2 if learn_sigma else 1)
         self.size_multiple = 2 ** (len(channel_mult) - 1)
@@ -297,7 +306,10 @@ class MedSegDiffUNet(nn.Module):
         self.cond_encoder = ConditionEncoder(image_channels, widths, dropout=dropout, use_checkpoint=use_checkpoint)
 
         # Mask encoder: per level num_res_blocks x (ResBlock [+attn]), FF-Parser + fusion, then downsample.
-        self.conv_in = nn.Conv2d(mask_channels, widths[0], 3, padding=1)
+        # self-conditioning (Analog Bits §3): the previous x_0 estimate enters beside x_t as more input channels;
+        # image_concat: the image too, so the mask path sees its pixels from the first layer (as SegDiff does)
+        in_channels = mask_channels * (2 if self_condition else 1) + (image_channels if image_concat else 0)
+        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.enc_levels = nn.ModuleList()
         self.ff_parsers = nn.ModuleList()
         self.fusions = nn.ModuleList()
@@ -352,8 +364,9 @@ class MedSegDiffUNet(nn.Module):
                 f"image must be (B, {self.image_channels}, H, W) in [0, 1], got {tuple(image.shape)}"
             )
         self._check_spatial(image.shape, "image")
-        image = image.to(self.conv_in.weight.dtype)
-        return self.cond_encoder((image - 0.5) / 0.5)
+        image = (image.to(self.conv_in.weight.dtype) - 0.5) / 0.5
+        cond = self.cond_encoder(image)
+        return cond._replace(image=image) if self.image_concat else cond
 
     def _embed(self, timesteps: Tensor, batch: int, y: Tensor | None) -> Tensor:
         """Timestep (+ class) embedding, (B, 4 * model_channels)."""
@@ -382,8 +395,11 @@ class MedSegDiffUNet(nn.Module):
         cond: Condition | None = None,
         y: Tensor | None = None,
         return_calib: bool = False,
+        self_cond: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Predict eps (and v when learn_sigma) for x_t; pass exactly one of `image` or a cached `cond`.
+        """Predict the diffusion target (and the variance value when learn_sigma) for x_t; pass exactly one of `image`
+        or a cached `cond`. A self-conditioned model also takes `self_cond`, the previous x_0 estimate divided by the
+        mask scale (zeros, the default, when there is none).
 
         return_calib=True also returns the calibration logits (B, 1, H, W), so training needs one forward call.
         """
@@ -405,6 +421,12 @@ class MedSegDiffUNet(nn.Module):
             )
         emb = self._embed(timesteps, x.shape[0], y)
 
+        if self.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype)], dim=1)
+        elif self_cond is not None:
+            raise ValueError("self_cond was given but the model is not self-conditioned (--self_condition False)")
+        if self.image_concat:
+            x = torch.cat([x, cond.image.to(x.dtype)], dim=1)
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
         skips = [h]
         for k, blocks in enumerate(self.enc_levels):
@@ -421,8 +443,16 @@ class MedSegDiffUNet(nn.Module):
         h = self.middle_res2(self.middle_attn(self.middle_res1(h, emb)), emb)
         for block in self.dec_blocks:
             h = block(h, skips.pop(), emb)
-        out = self.out(h)
+        out = bounded_output(self.out(h), self.mask_channels, self.x0_tanh_scale)
         return (out, cond.calib_logits) if return_calib else out
+
+
+def bounded_output(out: Tensor, channels: int, scale: float | None) -> Tensor:
+    """With `scale` b, the first `channels` output channels as b tanh(.): an x_0 prediction bounded to [-b, b], the
+    range of the posterior mean of a {-b, b} mask (its foreground probability is then sigmoid(2 x raw output))."""
+    if scale is None:
+        return out
+    return torch.cat([scale * torch.tanh(out[:, :channels]), out[:, channels:]], dim=1)
 
 
 def _validate_args(
@@ -460,3 +490,51 @@ def _validate_args(
         raise ValueError(f"image_channels and mask_channels must be >= 1, got {image_channels}, {mask_channels}")
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
+
+
+class ConcatUNet(nn.Module):
+    """A plain time-conditioned UNet denoiser on [x_t, image (, the previous x_0 estimate)] concatenated on the
+    channels (SegDiff-style input concatenation, Amit et al. 2021): the plain-UNet baseline's backbone
+    (aux_nets.AuxUNet, one residual block per level each way) with a timestep embedding and no separate image
+    encoder (`--network unet`). The same call interface as MedSegDiffUNet; its Condition only carries the image,
+    and it has no calibration head."""
+
+    def __init__(self, *, image_size: int, model_channels: int, num_res_blocks: int = 1,
+                 channel_mult: tuple[int, ...] | None = None, dropout: float = 0.0, learn_sigma: bool = False,
+                 image_channels: int = 3, mask_channels: int = 1, self_condition: bool = False,
+                 x0_tanh_scale: float | None = None) -> None:
+        super().__init__()
+        from guided_diffusion.network.aux_nets import AuxNetConfig, AuxUNet
+
+        mult = ",".join(str(m) for m in (channel_mult or default_channel_mult(image_size)))
+        cfg = AuxNetConfig(image_size=image_size, num_channels=model_channels, num_res_blocks=num_res_blocks,
+                           channel_mult=mult, dropout=dropout)
+        self.image_size, self.image_channels, self.mask_channels = image_size, image_channels, mask_channels
+        self.self_condition, self.learn_sigma, self.x0_tanh_scale = self_condition, learn_sigma, x0_tanh_scale
+        self.out_channels = mask_channels * (2 if learn_sigma else 1)
+        in_channels = mask_channels * (2 if self_condition else 1) + image_channels
+        self.body = AuxUNet(cfg, in_channels, image_channels, timed=True, out_channels=self.out_channels)
+
+    def encode_condition(self, image: Tensor) -> Condition:
+        """The image in [-1, 1] (all this network's condition is)."""
+        if image.ndim != 4 or image.shape[1] != self.image_channels:
+            raise ValueError(f"image must be (B, {self.image_channels}, H, W) in [0, 1], got {tuple(image.shape)}")
+        return Condition([], None, (image.to(self.body.conv_in.weight.dtype) - 0.5) / 0.5)
+
+    def forward(self, x: Tensor, timesteps: Tensor, image: Tensor | None = None, cond: Condition | None = None,
+                y: Tensor | None = None, return_calib: bool = False, self_cond: Tensor | None = None):
+        """The diffusion target (and the variance value when learn_sigma) for x_t; calib logits are None."""
+        if (image is None) == (cond is None):
+            raise ValueError("pass exactly one of image= or cond=")
+        if y is not None:
+            raise ValueError("y was given but the model has no class conditioning")
+        cond = self.encode_condition(image) if cond is None else cond
+        parts = [x]
+        if self.self_condition:
+            parts.append(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))
+        elif self_cond is not None:
+            raise ValueError("self_cond was given but the model is not self-conditioned (--self_condition False)")
+        h = torch.cat([*parts, cond.image.to(x.dtype)], dim=1)
+        out = bounded_output(self.body._unet(h, self.body._embed(timesteps, x.shape[0])), self.mask_channels,
+                             self.x0_tanh_scale)
+        return (out, None) if return_calib else out

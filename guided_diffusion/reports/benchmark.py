@@ -54,28 +54,42 @@ class BenchRow:
 
 @dataclass(frozen=True)
 class RowSpec:
-    """What one row samples: a sampler label (`addpm-<chain>` for ADDPM), its steps and ADDPM's flags."""
+    """What one row samples: its label (the sampler's manifest label, `addpm-<chain>` for ADDPM), its steps, the
+    segmentation_sample.py flags that make it (SampleConfig fields, and the seed's model flags such as
+    --diffusion_steps beside --dpm_solver True), and a tag that tells rows of one label apart."""
     label: str
     steps: int
-    addpm: dict = field(default_factory=dict)
+    sample_flags: dict = field(default_factory=dict)
+    model_flags: dict = field(default_factory=dict)
+    tag: str = ""
+
+    @staticmethod
+    def sampler(name: str, steps: int, addpm: dict | None = None) -> "RowSpec":
+        """The row of `--configs` entry name:steps; ADDPM labels take the ADDPM flags in `addpm`."""
+        chain = chain_of(name)
+        if chain is None:
+            return RowSpec(name, steps, {"sampler": name, "steps": steps})
+        addpm = dict(addpm or {})
+        preseg = addpm.get("preseg") or "none"
+        tag = preseg if preseg in ("head", "none") else Path(preseg).resolve().name.removesuffix(".pt")
+        return RowSpec(name, steps, {"sampler": ADDPM, "addpm_inner": chain, "steps": steps, **addpm}, tag=tag)
 
     @property
-    def chain(self) -> str | None:
-        return chain_of(self.label)
+    def addpm(self) -> dict:
+        """The ADDPM flags of an ADDPM row (empty otherwise)."""
+        if self.sample_flags.get("sampler") != ADDPM:
+            return {}
+        return {k: v for k, v in self.sample_flags.items() if k in ("pre_t", "stop_t", "preseg", "denoiser_path")}
 
-    @property
-    def tag(self) -> str:
-        """A short name of an ADDPM row's pre-segmentation: 'head', or its run folder's name ('' otherwise)."""
-        if self.chain is None:
-            return ""
-        preseg = self.addpm.get("preseg") or "none"
-        return preseg if preseg in ("head", "none") else Path(preseg).resolve().name.removesuffix(".pt")
+    def clipped(self, num_timesteps: int) -> "RowSpec":
+        """The row with its steps clipped to the model's T (ddpm:1000 on a 40-step model is DDPM over all 40)."""
+        if self.steps <= num_timesteps:
+            return self
+        return replace(self, steps=num_timesteps, sample_flags={**self.sample_flags, "steps": num_timesteps})
 
     def config(self, base: SampleConfig, num_ensemble: int, out: Path, reuse: bool) -> SampleConfig:
         """The sampling settings of the row."""
-        cfg = replace(base, sampler=self.label, steps=self.steps, num_ensemble=num_ensemble, out_dir=str(out),
-                      overwrite=not reuse)
-        return replace(cfg, sampler=ADDPM, addpm_inner=self.chain, **self.addpm) if self.chain else cfg
+        return replace(base, num_ensemble=num_ensemble, out_dir=str(out), overwrite=not reuse, **self.sample_flags)
 
 
 def parse_configs(spec: str, flag: str = "--configs") -> list[tuple[str, int]]:
@@ -99,9 +113,9 @@ def expand_rows(configs: list[tuple[str, int]], addpm: dict) -> list[RowSpec]:
     rows = []
     for name, steps in configs:
         if chain_of(name):
-            rows += [RowSpec(name, steps, {**addpm, "preseg": p}) for p in presegs]
+            rows += [RowSpec.sampler(name, steps, {**addpm, "preseg": p}) for p in presegs]
         else:
-            rows.append(RowSpec(name, steps))
+            rows.append(RowSpec.sampler(name, steps))
     return rows
 
 
@@ -110,7 +124,7 @@ def run_one(base: SampleConfig, row: RowSpec, num_ensemble: int, out_root: Path,
     """Sample into the row's folder under out_root and score it against the ground truth. With `reuse`, images
     already in that folder are not resampled: their cost is read back from its manifest."""
     out = row_folder(out_root, row.label, row.steps, num_ensemble, row.tag)
-    summary = run_sampling(row.config(base, num_ensemble, out, reuse), {}, device)
+    summary = run_sampling(row.config(base, num_ensemble, out, reuse), row.model_flags, device)
     paths = eval_paths(out)
     scored = sampled_split(out, data, base, paths["split"])
     if reuse:
@@ -121,7 +135,7 @@ def run_one(base: SampleConfig, row: RowSpec, num_ensemble: int, out_root: Path,
     result = evaluate(EvalOptions(inp_pth=out, data_name=data[0], data_dir=Path(data[1]), split=base.split,
                                   split_file=scored, n_boot=200, progress=False, csv=paths["csv"], json=paths["json"]))
     m = result.summary["metrics"]
-    label = summary.sampler + (f" ({row.tag})" if row.tag else "")
+    label = row.label + (f" ({row.tag})" if row.tag else "")
     return BenchRow(label, summary.steps, num_ensemble, nfe, seconds, m["dice"]["mean"], m["iou"]["mean"],
                     nfe_parts=parts, folder=str(out), evaluation=result)
 
@@ -131,7 +145,7 @@ def run_rows(base: SampleConfig, rows: list[RowSpec], num_ensemble: int, out_roo
     """Every row in turn (DDPM steps above the model's T clipped to T), compared with the reference row."""
     done = []
     for row in rows:
-        row = replace(row, steps=min(row.steps, num_timesteps))
+        row = row.clipped(num_timesteps)
         print(f"== {row.label} {row.steps} steps, {num_ensemble} members {row.addpm.get('preseg', '')}", flush=True)
         done.append(run_one(base, row, num_ensemble, out_root, device, data, reuse))
     return compare(done)
@@ -201,7 +215,7 @@ def on_images(rows: list[BenchRow], ids: list[str]) -> list[BenchRow]:
 
 def addpm_note(rows: list[RowSpec], addpm: dict, num_timesteps: int) -> str:
     """One line on the ADDPM rows' settings ('' when there are none)."""
-    if not any(r.chain for r in rows):
+    if not any(r.addpm for r in rows):
         return ""
     pre_t, stop_t = addpm_levels(replace(SampleConfig(), **addpm), num_timesteps)
     return (f"ADDPM rows: chain from x_{pre_t} to x_{stop_t} (--pre_t {pre_t} --stop_t {stop_t}), pre-segmentation "

@@ -8,6 +8,7 @@ Re-running it continues the training from its checkpoint and samples afresh.
 """
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from guided_diffusion.fileio import atomic_write
 from guided_diffusion.layout import QUICKSTART_MODEL, QUICKSTART_REPORT, QUICKSTART_SAMPLES
 from guided_diffusion.sampling.pipeline import SampleConfig
 from guided_diffusion.sampling.samplers import SAMPLERS
-from guided_diffusion.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from guided_diffusion.config import DataConfig, DiffusionConfig, ModelConfig, TrainConfig, parse_train_args
 
 
 @dataclass
@@ -29,14 +30,14 @@ class QuickstartConfig:
     data_dir: str = field(default="data/synthetic", metadata={"help": "data set root (SYNTHETIC: made when absent)"})
     out_dir: str = field(default="runs/quickstart", metadata={"help": "where the model, masks and report go"})
     image_size: int = field(default=32, metadata={"help": "side the images are resized to"})
-    num_channels: int = field(default=16, metadata={"help": "base width of the UNet"})
+    preset: str = field(default="cpu", metadata={"help": "the training recipe (segmentation_train.py --preset)"})
+    train_flags: str = field(default="", metadata={"help": "more segmentation_train.py flags (quoted), over the "
+                                                           "preset"})
     train_steps: int = field(default=1500, metadata={"help": "training steps"})
     diffusion_steps: int = field(default=1000, metadata={"help": "noise levels T; the reference is DDPM over all T"})
-    batch_size: int = field(default=8, metadata={"help": "training images per step"})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
-    ema_rate: float = field(default=0.995, metadata={"help": "EMA decay of the sampling weights"})
-    samplers: str = field(default="dpm_solver++:20,sde-dpm_solver++:20",
-                          metadata={"help": "fast samplers run on every test image, comma-separated sampler:steps"})
+    samplers: str = field(default="ddim:1,dpm_solver++:10,sde-dpm_solver++:10",
+                          metadata={"help": "fast samplers run on every test image, comma-separated sampler:steps "
+                                            "(ddim:1 is the one-step x0 read-out)"})
     ddpm_images: int = field(default=4, metadata={"help": "test images sampled with the 1000-step DDPM reference "
                                                           "(0: skip it)"})
     max_images: int = field(default=0, metadata={"help": "test images for the fast samplers (0: all)"})
@@ -47,18 +48,22 @@ class QuickstartConfig:
     num_workers: int = field(default=0, metadata={"help": "data-loading workers for training"})
 
 
+def train_configs(cfg: QuickstartConfig) -> tuple[ModelConfig, DiffusionConfig, DataConfig, TrainConfig]:
+    """The model's configs: segmentation_train.py's flags with --preset, the quickstart's own on top."""
+    return parse_train_args(["--preset", cfg.preset, "--data_name", cfg.data_name, "--data_dir", cfg.data_dir,
+                             "--image_size", str(cfg.image_size), "--diffusion_steps", str(cfg.diffusion_steps),
+                             "--out_dir", str(Path(cfg.out_dir) / QUICKSTART_MODEL), "--max_steps",
+                             str(cfg.train_steps), "--save_interval", str(cfg.train_steps), "--log_interval", "50",
+                             "--seed", str(cfg.seed), "--num_workers", str(cfg.num_workers), "--device", cfg.device,
+                             *shlex.split(cfg.train_flags)])
+
+
 def train_model(cfg: QuickstartConfig, info: distributed.DistInfo) -> Path:
     """Train (or finish training) the quickstart's model in <out_dir>/model; returns its checkpoint."""
     from guided_diffusion.training.diffusion import DiffusionTrainer
 
     model_dir = Path(cfg.out_dir) / QUICKSTART_MODEL
-    DiffusionTrainer(ModelConfig(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=1),
-                     DiffusionConfig(diffusion_steps=cfg.diffusion_steps),
-                     DataConfig(data_name=cfg.data_name, data_dir=cfg.data_dir),
-                     TrainConfig(out_dir=str(model_dir), lr=cfg.lr, batch_size=cfg.batch_size,
-                                 max_steps=cfg.train_steps, save_interval=cfg.train_steps, log_interval=50,
-                                 ema_rate=cfg.ema_rate, seed=cfg.seed, num_workers=cfg.num_workers,
-                                 device=cfg.device), info).run()
+    DiffusionTrainer(*train_configs(cfg), info).run()
     path = find_latest(model_dir)
     if path is None:  # pragma: no cover - run() always saves at max_steps
         raise RuntimeError(f"training wrote no checkpoint to {model_dir}")
@@ -79,9 +84,12 @@ def report_text(cfg: QuickstartConfig, ckpt: Path, rows: list[benchmark.BenchRow
                 ids: list[str], made: list[Path], minutes: float) -> str:
     """report.md: what ran, the table against the reference on its images, the table over every sampled image."""
     out = Path(cfg.out_dir)
+    mc, dc, _, tc = train_configs(cfg)
     lines = [f"# Quickstart report: {cfg.data_name} ({cfg.data_dir})", "",
-             f"Model `{ckpt}`: {cfg.image_size}x{cfg.image_size} px, {cfg.num_channels} channels, "
-             f"{cfg.train_steps} training steps, T = {cfg.diffusion_steps} (linear schedule). "
+             f"Model `{ckpt}` (--preset {cfg.preset} {cfg.train_flags}".rstrip() + f"): {mc.image_size}x{mc.image_size} "
+             f"px, {mc.num_channels} channels, {cfg.train_steps} training steps of batch {tc.batch_size}; "
+             f"{dc.prediction} prediction, masks scaled to ±{dc.mask_scale:g}, self-conditioning "
+             f"{'on' if dc.self_condition else 'off'}, T = {dc.diffusion_steps} ({dc.noise_schedule} schedule). "
              f"{cfg.num_ensemble} masks per image, fused by their mean and thresholded at 0.5; Dice at each "
              f"image's original size. The whole run took {minutes:.1f} minutes.", ""]
     if head:
@@ -155,7 +163,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Path]:
     plan += [(name, steps, cfg.max_images) for name, steps in configs]
     print("[2/3] sampling the test images: " + ", ".join(
         f"{n} {k} steps on {m or 'all'}" for n, k, m in plan), flush=True)
-    rows = [benchmark.run_one(replace(base, max_images=m), benchmark.RowSpec(n, k), cfg.num_ensemble, samples,
+    rows = [benchmark.run_one(replace(base, max_images=m), benchmark.RowSpec.sampler(n, k), cfg.num_ensemble, samples,
                               info.device, data) for n, k, m in plan]
     ids = list(rows[0].per_image.index)
     head = benchmark.on_images(rows, ids) if cfg.ddpm_images else []

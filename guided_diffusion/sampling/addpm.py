@@ -26,7 +26,8 @@ import torch
 
 from guided_diffusion.network.aux_nets import DENOISER, PRESEG, LoadedAux, load_aux
 from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
-from guided_diffusion.sampling.samplers import CountingModel, EnsembleResult, NoiseSource, SAMPLER_FNS, SamplerSpec
+from guided_diffusion.sampling.samplers import (SAMPLER_FNS, ConditionedModel, CountingModel, EnsembleResult, NoiseSource,
+                                                SamplerSpec)
 from guided_diffusion.config import DiffusionConfig
 
 ADDPM = "addpm"  # the --sampler value; its manifest label is addpm-<chain sampler>
@@ -39,6 +40,9 @@ class HeadPreseg:
     label = HEAD
 
     def __call__(self, images: torch.Tensor, cond) -> torch.Tensor:
+        if cond.calib_logits is None:
+            raise ValueError("--preseg head needs the diffusion model's calibration head, which --network unet does "
+                             "not have; give --preseg_path (a train_preseg_network.py checkpoint)")
         return torch.sigmoid(cond.calib_logits.float())
 
 
@@ -86,17 +90,17 @@ def sample_addpm_ensemble(model, diffusion: GaussianDiffusion, images: torch.Ten
     pre_t, stop_t = check_pairing(chain, diffusion.num_timesteps, denoiser is not None)
     b, size, n = images.shape[0], images.shape[-2:], num_ensemble
     cond = model.encode_condition(images)
-    x0_pre = start_mask(preseg(images, cond), soft_preseg).repeat_interleave(n, dim=0)
+    x0_pre = (start_mask(preseg(images, cond), soft_preseg) * diffusion.mask_scale).repeat_interleave(n, dim=0)
     cond = cond.repeat_interleave(n)
     noise = NoiseSource(seeds, n, images.device)
     x = forward_jump(diffusion, x0_pre, pre_t, noise((1, *size)))
-    counting = CountingModel(lambda x_t, t: model(x_t, diffusion.scale_timesteps(t), cond=cond))
+    counting = CountingModel(ConditionedModel(model, diffusion, cond))
     x = SAMPLER_FNS[chain.sampler](counting, diffusion, x, chain, noise)
     if denoiser is not None:
         t = torch.full((x.shape[0],), float(stop_t - 1), device=x.device)  # level stop_t is index stop_t - 1
         prob = torch.sigmoid(denoiser(x, t, images.repeat_interleave(n, dim=0)).float())
     else:
-        prob = (x.float().clamp(-1, 1) + 1) / 2
+        prob = diffusion.x0_to_probability(x)
     parts = {"preseg": preseg.nfe, "chain": counting.nfe, "denoiser": int(denoiser is not None)}
     return EnsembleResult(prob.reshape(b, n, *size), sum(parts.values()), parts)
 
@@ -111,8 +115,8 @@ class AddpmSampler:
     aux: list[LoadedAux] = field(default_factory=list)
 
     @property
-    def spec(self) -> SamplerSpec:
-        return self.chain
+    def steps(self) -> int:
+        return self.chain.steps
 
     @property
     def label(self) -> str:
@@ -151,6 +155,10 @@ def check_denoiser(den: LoadedAux, diffusion_cfg: DiffusionConfig, stop_t: int) 
     """The denoiser must know the diffusion model's schedule and the level the chain stops at."""
     d, path = den.ckpt["config"]["denoiser"], den.ckpt["path"]
     mine = (diffusion_cfg.diffusion_steps, diffusion_cfg.noise_schedule)
+    if d.get("mask_scale", 1.0) != diffusion_cfg.mask_scale:
+        raise ValueError(f"--denoiser_path {path} was trained on masks scaled by {d.get('mask_scale', 1.0)} but the "
+                         f"diffusion model's --mask_scale is {diffusion_cfg.mask_scale}; train the denoiser with "
+                         f"--split_from <the diffusion run>")
     if (d["diffusion_steps"], d["noise_schedule"]) != mine:
         raise ValueError(f"--denoiser_path {path} was trained on the {d['diffusion_steps']}-step {d['noise_schedule']} "
                          f"schedule but the diffusion model uses the {mine[0]}-step {mine[1]} one; train the denoiser "

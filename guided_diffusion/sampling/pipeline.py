@@ -21,12 +21,14 @@ from tqdm.auto import tqdm
 from guided_diffusion.sampling import addpm
 from guided_diffusion.data import datasets
 from guided_diffusion import distributed
-from guided_diffusion.checkpoint import DIFFUSION, check_flags, load_checkpoint
+from guided_diffusion.checkpoint import (DESCRIBE, DIFFUSION, TRAIN_SCRIPT, CheckpointError, check_flags,
+                                         checkpoint_kind, load_checkpoint)
+from guided_diffusion.network.aux_nets import PRESEG, AuxNetConfig, aux_from_checkpoint
 from guided_diffusion.layout import SPLIT_FILE
 from guided_diffusion.sampling.ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
 from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
 from guided_diffusion.sampling.outputs import PredictionWriter
-from guided_diffusion.sampling.samplers import SAMPLERS, FromNoise, SamplerSpec, Strategy, image_seed
+from guided_diffusion.sampling.samplers import SAMPLERS, FromNoise, OnePass, SamplerSpec, Strategy, image_seed
 from guided_diffusion.config import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
 
 
@@ -50,6 +52,8 @@ class SampleConfig:
     skip_type: str = field(default="time_uniform", metadata={"help": "time_uniform, logSNR or time_quadratic"})
     method: str = field(default="multistep", metadata={"help": "multistep, singlestep or singlestep_fixed"})
     eta: float = field(default=0.0, metadata={"help": "DDIM noise (0: deterministic)"})
+    td: float = field(default=0.0, metadata={"help": "DDIM's asymmetric time difference in steps (Pix2Seq-D's td; "
+                                                     "0: off)"})
     pre_t: int = field(default=0, metadata={"help": "addpm: the chain starts at x_{pre_t}, the pre-segmentation "
                                                     "noised to level pre_t (DDPM's 1-based t in 1..T; 0: "
                                                     "3T/10, the seed's 300 of 1000)"})
@@ -87,35 +91,48 @@ class SampleConfig:
 
 @dataclass
 class LoadedModel:
-    """A model ready to sample, with the diffusion and data settings it was trained with."""
+    """A model ready to sample, with the diffusion and data settings it was trained with (a pre-segmentation
+    network, the plain-UNet baseline, has no diffusion)."""
     model: torch.nn.Module
-    diffusion: GaussianDiffusion
-    model_cfg: ModelConfig
-    diffusion_cfg: DiffusionConfig
+    diffusion: GaussianDiffusion | None
+    model_cfg: ModelConfig | AuxNetConfig
+    diffusion_cfg: DiffusionConfig | None
     ckpt: dict
 
 
 def load_model(model_path: str, device: torch.device, use_ema: bool = True, compile: bool = False,
                channels_last: bool = False) -> LoadedModel:
     """Build the network from the checkpoint's config and load its (EMA) weights; optionally NHWC and compiled
-    (the compiled forward is the denoising step; the image encoder runs once per image and stays eager)."""
-    ckpt = load_checkpoint(model_path, "--model_path", kind=DIFFUSION)
-    mc = from_dict(ModelConfig, ckpt["config"]["model"])
-    dc = from_dict(DiffusionConfig, ckpt["config"]["diffusion"])
-    model = create_model(mc, dc)
-    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
-    model.to(device).eval()
+    (the compiled forward is the denoising step; the image encoder runs once per image and stays eager).
+    A diffusion model, or a pre-segmentation network (train_preseg_network.py: the plain-UNet baseline, whose
+    masks the pipeline writes in the same layout)."""
+    ckpt = load_checkpoint(model_path, "--model_path")
+    kind = checkpoint_kind(ckpt)
+    if kind == PRESEG:
+        aux = aux_from_checkpoint(ckpt, device, use_ema)
+        lm = LoadedModel(aux.net, None, aux.cfg, None, ckpt)
+    elif kind == DIFFUSION:
+        mc = from_dict(ModelConfig, ckpt["config"]["model"])
+        dc = from_dict(DiffusionConfig, ckpt["config"]["diffusion"])
+        model = create_model(mc, dc)
+        model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+        lm = LoadedModel(model.to(device).eval(), create_gaussian_diffusion(dc), mc, dc, ckpt)
+    else:
+        raise CheckpointError(f"--model_path {ckpt['path']} is a {DESCRIBE[kind]} checkpoint, not a diffusion model or "
+                              f"pre-segmentation network one (train that with {TRAIN_SCRIPT[DIFFUSION]})")
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        lm.model.to(memory_format=torch.channels_last)
     if compile:
-        model.forward = torch.compile(model.forward)
-    return LoadedModel(model, create_gaussian_diffusion(dc), mc, dc, ckpt)
+        lm.model.forward = torch.compile(lm.model.forward)
+    return lm
 
 
 def check_flags_against_checkpoint(given: dict, ckpt: dict, dpm_solver: bool) -> None:
     """Model/diffusion flags the user gave must equal the checkpoint's (the seed passes them all)."""
     # the seed's `--dpm_solver True --diffusion_steps 50` means 50 solver steps on the trained schedule
-    check_flags(given, {**ckpt["config"]["model"], **ckpt["config"]["diffusion"]}, f"the checkpoint {ckpt['path']}",
+    config = ckpt["config"]
+    saved = {**config["model"], **config["diffusion"]} if "diffusion" in config else config["net"]
+    check_flags(given, saved, f"the checkpoint {ckpt['path']}",
                 hint=lambda key: "the number of sampling steps is --steps" if key == "diffusion_steps" else "",
                 skip=("diffusion_steps",) if dpm_solver else ())
 
@@ -136,7 +153,7 @@ def resolve_spec(cfg: SampleConfig, diffusion_steps_flag: int | None, num_timest
             span = start - end
             steps = {"ddpm": span, "ddim": min(50, span)}.get(sampler, min(20, span))
     spec = SamplerSpec(sampler=sampler, steps=steps, order=cfg.order, skip_type=cfg.skip_type,
-                       method=cfg.method, eta=cfg.eta, t_start=start if truncated else None, t_end=end)
+                       method=cfg.method, eta=cfg.eta, td=cfg.td, t_start=start if truncated else None, t_end=end)
     spec.validate(num_timesteps)
     return spec
 
@@ -172,7 +189,15 @@ def preseg_source(cfg: SampleConfig) -> str:
 
 
 def build_strategy(cfg: SampleConfig, lm: LoadedModel, model_flags: dict, device: torch.device) -> Strategy:
-    """The sampling strategy the flags ask for: a plain sampler from pure noise, or ADDPM's truncated process."""
+    """The sampling strategy the flags ask for: a plain sampler from pure noise, or ADDPM's truncated process; for a
+    pre-segmentation network, its one pass."""
+    _check_sampler_flags(cfg)
+    if lm.diffusion is None:
+        given = [f"--{k}" for k in ("sampler", "steps", "dpm_solver") if getattr(cfg, k)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: --model_path {lm.ckpt['path']} is a pre-segmentation network, "
+                             f"whose masks come from one pass; sampler flags need a diffusion model")
+        return OnePass()
     spec = resolve_spec(cfg, model_flags.get("diffusion_steps"), lm.diffusion.num_timesteps)
     if cfg.sampler == addpm.ADDPM:
         return addpm.load_addpm(spec, lm.diffusion_cfg, lm.model_cfg.image_size, preseg_source(cfg),
@@ -296,12 +321,12 @@ def run(job: SamplingJob) -> SamplingSummary:
     loader = DataLoader(Subset(dataset, job.todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
     by_id = {p.id: p for p in job.pairs}
-    record_base = {"sampler": strategy.label, "steps": strategy.spec.steps, "num_ensemble": cfg.num_ensemble,
+    record_base = {"sampler": strategy.label, "steps": strategy.steps, "num_ensemble": cfg.num_ensemble,
                    "fusion": cfg.fusion, "split": cfg.split, **strategy.record()}
     warmup = cfg.warmup if cfg.warmup >= 0 else int(device.type == "cuda")
     total_s, nfe, nfe_parts = 0.0, 0, {}
     main = job.rank == 0
-    bar = tqdm(total=len(job.todo), desc=f"sample {strategy.label}-{strategy.spec.steps}", unit="img",
+    bar = tqdm(total=len(job.todo), desc=f"sample {strategy.label}-{strategy.steps}", unit="img",
                disable=not main, dynamic_ncols=True)
     if main and len(job.todo) < len(job.pairs):
         print(f"{len(job.pairs) - len(job.todo)} of {len(job.pairs)} images already in {cfg.out_dir}: skipped "
@@ -341,7 +366,7 @@ def run(job: SamplingJob) -> SamplingSummary:
     # under torchrun: the totals over every rank's shard (each rank timed its own images)
     done, skipped, total_s = distributed.all_reduce_sum([len(job.todo), len(job.pairs) - len(job.todo), total_s],
                                                         device)
-    return SamplingSummary(strategy.label, strategy.spec.steps, cfg.num_ensemble, int(done), int(skipped), total_s,
+    return SamplingSummary(strategy.label, strategy.steps, cfg.num_ensemble, int(done), int(skipped), total_s,
                            nfe, nfe_parts, strategy.record(), str(cfg.out_dir))
 
 

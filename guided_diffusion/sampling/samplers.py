@@ -25,6 +25,8 @@ SAMPLERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++", "sde-dpm_solver++")
 # the solver samplers and the dpm_solver algorithm each one runs
 SOLVER_ALGORITHMS = {"dpm_solver": "dpmsolver", "dpm_solver++": "dpmsolver++",
                      "sde-dpm_solver++": "sde-dpmsolver++"}
+# --prediction -> the model_type of dpm_solver.model_wrapper
+WRAPPER_MODEL_TYPES = {"eps": "noise", "x0": "x_start", "v": "v"}
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -42,6 +44,7 @@ class SamplerSpec:
     skip_type: str = "time_uniform"
     method: str = "multistep"
     eta: float = 0.0            # DDIM stochasticity (0: deterministic)
+    td: float = 0.0             # DDIM's asymmetric time difference, in steps (Pix2Seq-D / Analog Bits §3)
     clip_denoised: bool = True  # clamp x_0 estimates to the mask range [-1, 1]
     t_start: int | None = None  # first level x_{t_start} (None: T)
     t_end: int = 0              # last level x_{t_end} (0: x_0)
@@ -63,6 +66,9 @@ class SamplerSpec:
                                                                              f"down to --stop_t {end}"
         if not 1 <= self.steps <= span:
             raise ValueError(f"--steps must be in 1..{span} ({where}), got {self.steps}")
+        if self.td < 0 or (self.td and self.sampler != "ddim"):
+            raise ValueError(f"--td is DDIM's time difference, >= 0 and for --sampler ddim only, got {self.td} with "
+                             f"--sampler {self.sampler}")
         if self.sampler in SOLVER_ALGORITHMS:
             if end == 0 and start < 2:
                 raise ValueError("the solvers integrate down to x_1 and then denoise: --pre_t must be >= 2")
@@ -86,6 +92,28 @@ class CountingModel:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         return self.fn(x, t)
+
+
+class ConditionedModel:
+    """The network as every sampler calls it, model_fn(x_t, t): the image condition bound (computed once per image),
+    the timestep scaled as in training, and, for a self-conditioned model (Chen, Zhang, Hinton 2022, "Analog Bits",
+    §3), the previous call's x_0 estimate (clipped, divided by the mask scale) fed back as its extra input, zeros at
+    the first call. That estimate is the one piece of state a chain carries; it is reset per chain."""
+
+    def __init__(self, model, diffusion: GaussianDiffusion, cond):
+        self.model, self.diffusion, self.cond = model, diffusion, cond
+        self.self_condition = getattr(model, "self_condition", False)
+        self.previous: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        d = self.diffusion
+        if not self.self_condition:
+            return self.model(x, d.scale_timesteps(t), cond=self.cond)
+        fed = self.previous if self.previous is not None else torch.zeros_like(x)
+        out = self.model(x, d.scale_timesteps(t), cond=self.cond, self_cond=fed)
+        x0 = d.x0_and_eps(d.split_output(out, x)[0].float(), x.float(), t.float())[0]
+        self.previous = (d.clip_x0(x0) / d.mask_scale).to(x.dtype)
+        return out
 
 
 class NoiseSource:
@@ -147,14 +175,18 @@ def sample_ddpm(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor
 def sample_ddim(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, spec: SamplerSpec,
                 noise: NoiseSource) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) over `steps` evenly spaced trained noise levels from x_start to x_end;
-    eta = 0 is deterministic."""
+    eta = 0 is deterministic. With td > 0 (the asymmetric time intervals of Chen, Zhang, Hinton 2022, "Analog
+    Bits", §3, used by Pix2Seq-D) each step lands td steps' worth of levels below the next level, while the next
+    network call still sees the next level's t, so the network is given slightly less noise than its t says."""
     start, end = spec.interval(diffusion.num_timesteps)
     ts = chain_timesteps(spec.steps, start, end)
+    shift = round(spec.td * (start - end) / spec.steps)
     for cur, nxt in zip(ts, ts[1:] + [end - 1]):  # index end - 1 is level x_end (-1: x_0)
         t = torch.full((x.shape[0],), cur, device=x.device, dtype=torch.long)
         out = model_fn(x, t.float())
-        step_noise = noise(tuple(x.shape[1:])) if spec.eta > 0 and nxt >= 0 else None
-        x = diffusion.ddim_step(out, x, t, torch.full_like(t, nxt), eta=spec.eta if nxt >= 0 else 0.0,
+        land = nxt if nxt < end else max(nxt - shift, end)  # the last step still lands on x_end exactly
+        step_noise = noise(tuple(x.shape[1:])) if spec.eta > 0 and land >= 0 else None
+        x = diffusion.ddim_step(out, x, t, torch.full_like(t, land), eta=spec.eta if land >= 0 else 0.0,
                                 noise=step_noise, clip_denoised=spec.clip_denoised).sample
     return x
 
@@ -166,15 +198,16 @@ def sample_dpm_solver(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.
     steps from t = start/N to t = end/N (the schedule's knot t_n = n/N is level x_n, the network's index n - 1).
     A chain to x_0 integrates to t = 1/N and spends one more evaluation denoising to x_0 (as the last DDPM/DDIM
     step does), so no residual noise of sigma_{1/N} is left: NFE = steps + 1.
-    The x_0 estimates are clamped to the mask range [-1, 1]."""
+    The network's target (eps, x0 or v) is the wrapper's model_type; the x_0 estimates are clamped to the mask
+    range [-b, b]."""
     from dpm_solver import DPM_Solver, NoiseScheduleVP, model_wrapper
 
     n = diffusion.num_timesteps
     start, end = spec.interval(n)
     schedule = NoiseScheduleVP("discrete", betas=diffusion.betas.to(x.device, torch.float32))
-    wrapped = model_wrapper(model_fn, schedule, model_type="noise")
+    wrapped = model_wrapper(model_fn, schedule, model_type=WRAPPER_MODEL_TYPES[diffusion.prediction])
     solver = DPM_Solver(wrapped, schedule, algorithm_type=SOLVER_ALGORITHMS[spec.sampler],
-                        correcting_x0_fn=(lambda x0, t: x0.clamp(-1, 1)) if spec.clip_denoised else None)
+                        correcting_x0_fn=(lambda x0, t: diffusion.clip_x0(x0)) if spec.clip_denoised else None)
     return solver.sample(x, steps=spec.steps, t_start=start / n, t_end=max(end, 1) / n, order=spec.order,
                          skip_type=spec.skip_type, method=spec.method, lower_order_final=True,
                          denoise_to_zero=end == 0, noise_fn=lambda like: noise(tuple(like.shape[1:])))
@@ -193,7 +226,8 @@ def respaced(diffusion: GaussianDiffusion, use_timesteps: list[int]) -> Gaussian
         prev = ac[i]
     return GaussianDiffusion(np.array(betas), learn_sigma=diffusion.learn_sigma,
                              rescale_learned_sigmas=diffusion.rescale_learned_sigmas,
-                             rescale_timesteps=diffusion.rescale_timesteps)
+                             rescale_timesteps=diffusion.rescale_timesteps, prediction=diffusion.prediction,
+                             mask_scale=diffusion.mask_scale)
 
 
 @dataclass
@@ -216,22 +250,25 @@ def sample_ensemble(model, diffusion: GaussianDiffusion, images: torch.Tensor, n
     spec.validate(diffusion.num_timesteps)
     b = images.shape[0]
     cond = model.encode_condition(images).repeat_interleave(num_ensemble)
-    counting = CountingModel(lambda x, t: model(x, diffusion.scale_timesteps(t), cond=cond))
+    counting = CountingModel(ConditionedModel(model, diffusion, cond))
     noise = NoiseSource(seeds, num_ensemble, images.device)
     size = images.shape[-2:]
     x_T = noise((1, *size))
     x0 = SAMPLER_FNS[spec.sampler](counting, diffusion, x_T, spec, noise)
-    members = ((x0.float().clamp(-1, 1) + 1) / 2).reshape(b, num_ensemble, *size)
+    members = diffusion.x0_to_probability(x0).reshape(b, num_ensemble, *size)
     return EnsembleResult(members, counting.nfe)
 
 
 class Strategy(Protocol):
     """How the pipeline turns a batch of images into ensemble members (sampling/pipeline.py)."""
-    spec: SamplerSpec
 
     @property
     def label(self) -> str:
         """The manifest's sampler column."""
+
+    @property
+    def steps(self) -> int:
+        """The manifest's steps column."""
 
     def record(self) -> dict:
         """The strategy's own manifest columns."""
@@ -253,6 +290,10 @@ class FromNoise:
     def label(self) -> str:
         return self.spec.sampler
 
+    @property
+    def steps(self) -> int:
+        return self.spec.steps
+
     def record(self) -> dict:
         return {}
 
@@ -262,3 +303,22 @@ class FromNoise:
 
     def warn_if_trained_on(self, ids: list[str]) -> None:
         """The diffusion model's own split is the one sampled: nothing to warn about."""
+
+
+@dataclass
+class OnePass:
+    """A plain segmentation network (a pre-segmentation checkpoint, the plain-UNet baseline): its sigmoid in one
+    pass per image, repeated for the members (so the uncertainty map is zero)."""
+    label: str = "preseg"
+    steps: int = 1
+
+    def record(self) -> dict:
+        return {}
+
+    @torch.inference_mode()
+    def sample(self, model, diffusion, images: torch.Tensor, num_ensemble: int, seeds: list[int]) -> EnsembleResult:
+        prob = torch.sigmoid(model(images).float())  # (B, 1, H, W)
+        return EnsembleResult(prob.expand(-1, num_ensemble, -1, -1).contiguous(), 1)
+
+    def warn_if_trained_on(self, ids: list[str]) -> None:
+        """The network's own split is the one sampled: nothing to warn about."""

@@ -7,11 +7,12 @@ of the --split_from run, else its default; a given flag must agree with both.
 
 Losses (both Dice + BCE on logits, gaussian_diffusion.dice_bce_loss):
   preseg:   f(image) against the mask.
-  denoiser: f(x_t, image, t) against the mask, x_t = sqrt(ab_t) (2 m - 1) + sqrt(1 - ab_t) eps (DDPM eq. 4)
-            on the diffusion model's schedule, t uniform over the indices 0..T-1 (DDPM's levels 1..T).
+  denoiser: f(x_t, image, t) against the mask, x_t = sqrt(ab_t) b (2 m - 1) + sqrt(1 - ab_t) eps (DDPM eq. 4)
+            on the diffusion model's schedule and mask scale b, t uniform over the indices 0..T-1 (DDPM's levels 1..T).
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -48,10 +49,12 @@ class DenoiserConfig:
                                                                  "(default: the --split_from run's)"})
     noise_schedule: str = field(default="linear", metadata={"help": "the diffusion model's schedule, linear or "
                                                                     "cosine (default: the --split_from run's)"})
+    mask_scale: float = field(default=1.0, metadata={"help": "the diffusion model's --mask_scale b: masks in {-b, b} "
+                                                             "(default: the --split_from run's)"})
 
 
 # Flags whose unset value is taken from a run; these must agree with the --split_from run.
-_MUST_MATCH_REFERENCE = ("data_name", "image_size", "diffusion_steps", "noise_schedule")
+_MUST_MATCH_REFERENCE = ("data_name", "image_size", "diffusion_steps", "noise_schedule", "mask_scale")
 
 
 def add_common_args(parser) -> None:
@@ -67,6 +70,15 @@ def add_denoiser_args(parser) -> None:
     """The denoiser's own flags (--T and the diffusion model's schedule)."""
     add_dataclass_args(parser, DenoiserConfig, "denoiser (unset: the resumed run's, else the --split_from run's, "
                                                "else T = diffusion_steps/4, 1000 linear)", use_defaults=False)
+
+
+def aux_parser(kind: str, description: str = "") -> argparse.ArgumentParser:
+    """The flags of train_preseg_network.py (kind preseg) or train_denoising_network.py (denoiser)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    if kind == DENOISER:
+        add_denoiser_args(parser)
+    return parser
 
 
 @dataclass
@@ -100,7 +112,8 @@ def _values_of(ckpt: dict | None) -> dict:
     if "diffusion" in cfg:
         return {**cfg["data"], "image_size": cfg["model"]["image_size"],
                 "diffusion_steps": cfg["diffusion"]["diffusion_steps"],
-                "noise_schedule": cfg["diffusion"]["noise_schedule"]}
+                "noise_schedule": cfg["diffusion"]["noise_schedule"],
+                "mask_scale": cfg["diffusion"].get("mask_scale", 1.0)}
     return {**cfg["data"], **cfg["net"], **cfg.get("denoiser", {})}
 
 
@@ -145,7 +158,8 @@ class AuxTrainer(Trainer):
         self.diffusion = None
         if run.denoiser is not None:
             d = run.denoiser
-            self.diffusion = create_diffusion(d.diffusion_steps, d.noise_schedule, learn_sigma=False)
+            self.diffusion = create_diffusion(d.diffusion_steps, d.noise_schedule, learn_sigma=False,
+                                              mask_scale=d.mask_scale)
         super().__init__(run.data, run.train, dist_info, run.resume, run.reference)
 
     def build_network(self) -> torch.nn.Module:
@@ -164,7 +178,7 @@ class AuxTrainer(Trainer):
                 logits = self.wrapped(image)
             else:
                 t, noise = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), self.run_cfg.denoiser.T)
-                x_t = self.diffusion.q_sample(mask * 2 - 1, t, noise)  # DDPM eq. 4; index t is level t + 1
+                x_t = self.diffusion.q_sample(self.diffusion.mask_to_x0(mask), t, noise)  # DDPM eq. 4; index t: level t+1
                 logits = self.wrapped(x_t, t.float(), image)
         return dice_bce_loss(logits.float(), mask).mean(), {}
 

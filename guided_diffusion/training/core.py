@@ -9,7 +9,7 @@ stopped (tests/training/test_core.py checks it).
 
 Under torchrun the same functions of (seed, step) are cut into per-rank slices of the global batch, so N
 processes with batch b train like one process with batch N*b: DDP averages the gradients of the N local
-means, which is the gradient of the global mean (tests/training/test_distributed.py checks the loss curve and
+means, which is the gradient of the global mean (tests/test_distributed.py checks the loss curve and
 the final weights). Rank 0 alone writes the split, the logs and the checkpoints; every rank resumes from the
 same checkpoint. The equality (up to float summation order) needs --dropout 0: each rank draws its own
 dropout masks. A run may resume with another number of processes; it continues the same stream exactly
@@ -114,16 +114,24 @@ def train_loader(pairs: list, image_size: int, cfg: RunConfig, start_step: int, 
 
 
 def step_noise(seed: int, step: int, batch_size: int, shape: tuple[int, ...], num_timesteps: int,
-               device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               device: torch.device, rank: int = 0, world_size: int = 1,
+               t_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps and noise of one process's slice of the global batch at ``step``.
 
     Sample i of the slice sits at global position (step * world_size + rank) * batch_size + i, as in StepSampler;
     its noise is drawn on ``device`` by a generator seeded by that position, so N processes draw what one process
     with the global batch draws, and each draws only its own slice (no host-side noise for the whole global batch).
+    Timesteps are uniform over 0..num_timesteps-1, or with t_power p != 1 floor(T u^(1/p)) for uniform u, whose
+    density in t/T is p (t/T)^(p-1): p > 1 draws the noisy levels more often.
     """
     first = (step * world_size + rank) * batch_size
     g = torch.Generator().manual_seed(seed_mix(seed, 11, step))
-    t = torch.randint(0, num_timesteps, (batch_size * world_size,), generator=g)[rank * batch_size:][:batch_size]
+    if t_power == 1.0:
+        t = torch.randint(0, num_timesteps, (batch_size * world_size,), generator=g)
+    else:
+        u = torch.rand(batch_size * world_size, generator=g, dtype=torch.float64)
+        t = (num_timesteps * u ** (1.0 / t_power)).long().clamp(max=num_timesteps - 1)
+    t = t[rank * batch_size:][:batch_size]
     noise = torch.empty((batch_size, *shape), device=device)
     gen = torch.Generator(device=device)
     for i in range(batch_size):
@@ -293,10 +301,18 @@ class Trainer:
         """The forward pass's autocast (--amp), or nothing in fp32."""
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
 
-    def noise_and_t(self, batch_size: int, shape: tuple[int, ...], num_timesteps: int):
-        """This step's timesteps (uniform over 0..num_timesteps-1) and Gaussian noise (exact resume, see step_noise)."""
-        return step_noise(self.tc.seed, self.step, batch_size, shape, num_timesteps, self.device,
-                          self.di.rank, self.di.world_size)
+    def noise_and_t(self, batch_size: int, shape: tuple[int, ...], num_timesteps: int, stream: int = 0,
+                    t_power: float = 1.0):
+        """This step's timesteps and Gaussian noise (exact resume, see step_noise); `stream` k > 0 gives another,
+        independent draw of the same step."""
+        seed = self.tc.seed if stream == 0 else seed_mix(self.tc.seed, 17, stream)
+        return step_noise(seed, self.step, batch_size, shape, num_timesteps, self.device, self.di.rank,
+                          self.di.world_size, t_power)
+
+    def coin(self, probability: float, stream: int) -> bool:
+        """A seeded coin flip of this step, the same on every rank (a choice for the whole global batch)."""
+        return probability > 0 and np.random.default_rng(seed_mix(self.tc.seed, 19, stream, self.step)).random() \
+            < probability
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         """x in the network's memory format (NHWC with --channels_last)."""

@@ -1,8 +1,21 @@
 """The diffusion model's trainer: the MedSegDiff-style UNet and its loss, on the one training core (core.py).
 
-Loss per step: the diffusion loss of GaussianDiffusion.training_losses on x_t = q_sample(2 m - 1, t, eps) (eps
-MSE, plus the VLB term with learned sigma), and --cal_weight times the calibration head's Dice + BCE against
-the mask (MedSegDiff's one-pass pre-segmentation from the image encoder).
+Loss per step, on x_t = q_sample(x_0, t, eps) with x_0 = b (2 m - 1) (b = --mask_scale):
+  --mse_weight        the MSE of the prediction target, eps, x0 or v (GaussianDiffusion.training_losses), plus the
+                      VLB term with learned sigma;
+  --mask_loss_weight  Dice + BCE of the x_0 estimate read as a foreground probability (Pix2Seq-D trains its x_0 with
+                      a cross-entropy; a mask loss on the mask the sampler returns);
+  --cal_weight        the calibration head's Dice + BCE (MedSegDiff's one-pass pre-segmentation from the image
+                      encoder).
+Options of the input x_t and of t:
+  self-conditioning   (--self_condition True; Chen, Zhang, Hinton 2022, "Analog Bits", §3): on a seeded fraction
+                      --self_condition_rate of the steps a first pass without gradients estimates x_0, which the
+                      trained pass sees as its extra input (zeros on the other steps, as at a chain's first step);
+  recycling           (--recycle True; Fu et al. 2023, arXiv:2308.16355, "max" variant): a first pass without
+                      gradients predicts x_0 from pure noise x_T, and x_t is drawn from that estimate instead of the
+                      ground truth, as at sampling time; the targets stay the ground truth's;
+  --t_power p         timesteps floor(T u^(1/p)): p > 1 trains the noisy levels more (GenMask's weighting toward
+                      the levels where a binary mask is hidden).
 """
 from __future__ import annotations
 
@@ -22,7 +35,7 @@ class DiffusionTrainer(Trainer):
     """Trains the conditional diffusion segmenter (scripts/segmentation_train.py)."""
 
     kind = "diffusion"
-    loss_terms = ("loss", "mse", "vb", "cal")
+    loss_terms = ("loss", "mse", "vb", "cal", "mask")
 
     def __init__(self, model_cfg: ModelConfig, diff_cfg: DiffusionConfig, data_cfg: DataConfig,
                  train_cfg: TrainConfig, dist_info: DistInfo):
@@ -43,16 +56,50 @@ class DiffusionTrainer(Trainer):
     def network_config(self) -> dict:
         return {"model": asdict(self.mc), "diffusion": asdict(self.dc)}
 
-    def compute_loss(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x_start = mask * 2 - 1
-        t, noise = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), self.diffusion.num_timesteps)
-        x_t = self.layout(self.diffusion.q_sample(x_start, t, noise))
+    @torch.no_grad()
+    def first_pass(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The x_0 estimate of a pass without gradients (and with no self-conditioning input), clipped to [-b, b]."""
+        d = self.diffusion
+        fed = torch.zeros_like(x_t) if self.dc.self_condition else None
         with self.autocast():
-            out, calib = self.wrapped(x_t, self.diffusion.scale_timesteps(t), image=image, return_calib=True)
-        losses = self.diffusion.training_losses(out.float(), x_start, x_t, t, noise)
-        cal = dice_bce_loss(calib.float(), mask).mean()
-        loss = losses["loss"].mean() + self.tc.cal_weight * cal
-        terms = {"mse": losses["mse"].mean(), "cal": cal}
+            out = self.model(x_t, d.scale_timesteps(t), image=image, self_cond=fed)
+        return d.clip_x0(self.x0_estimate(out, x_t, t)).to(x_t.dtype)
+
+    def x0_estimate(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        d = self.diffusion
+        return d.x0_and_eps(d.split_output(out.float(), x_t)[0], x_t.float(), t)[0]
+
+    def compute_loss(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d, tc = self.diffusion, self.tc
+        x_start = d.mask_to_x0(mask)
+        t, noise = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), d.num_timesteps, t_power=tc.t_power)
+        source = x_start
+        if tc.recycle:  # x_t drawn from the model's own estimate from pure noise, as at sampling time
+            t_max, noise_max = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), d.num_timesteps, stream=1)
+            t_max = torch.full_like(t_max, d.num_timesteps - 1)
+            source = self.first_pass(self.layout(d.q_sample(x_start, t_max, noise_max)), t_max, image)
+        x_t = self.layout(d.q_sample(source, t, noise))
+        eps = noise
+        if tc.recycle:  # the eps that takes the ground truth to this x_t: the targets stay the ground truth's
+            a, s = (v.to(x_t.dtype) for v in d.alpha_sigma(t, x_t.ndim))
+            eps = (x_t - a * x_start) / s
+        fed = None
+        if self.dc.self_condition:
+            fed = torch.zeros_like(x_t)
+            if self.coin(tc.self_condition_rate, stream=1):
+                fed = self.first_pass(x_t, t, image) / d.mask_scale
+        with self.autocast():
+            out, calib = self.wrapped(x_t, d.scale_timesteps(t), image=image, return_calib=True, self_cond=fed)
+        losses = d.training_losses(out.float(), x_start, x_t, t, eps)
+        loss = tc.mse_weight * losses["loss"].mean()
+        terms = {"mse": losses["mse"].mean()}
+        if calib is not None:  # --network unet has no calibration head
+            terms["cal"] = dice_bce_loss(calib.float(), mask).mean()
+            loss = loss + tc.cal_weight * terms["cal"]
         if "vb" in losses:
             terms["vb"] = losses["vb"].mean()
+        if tc.mask_loss_weight:
+            x0 = self.x0_estimate(out, x_t, t)
+            terms["mask"] = dice_bce_loss(torch.logit(d.x0_to_probability(x0), eps=1e-4), mask).mean()
+            loss = loss + tc.mask_loss_weight * terms["mask"]
         return loss, terms

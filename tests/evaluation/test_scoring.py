@@ -1,12 +1,9 @@
-"""scripts/segmentation_env.py and guided_diffusion.evaluation: pairing, loading, reports, every error."""
+"""Tests for guided_diffusion.evaluation.scoring and segmentation_env.py: pairing, loading, reports, every error."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +14,20 @@ from PIL import Image
 from guided_diffusion.evaluation import scoring as E
 from guided_diffusion.data.datasets import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "segmentation_env.py"
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def load_script():
-    """The script as a module, to call main() in-process (faster than a subprocess)."""
-    spec = importlib.util.spec_from_file_location("segmentation_env", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def env_script(load_script):
+    """scripts/segmentation_env.py as a module, to call main() in-process (faster than a subprocess)."""
+    return load_script("segmentation_env.py")
+
+
+@pytest.fixture
+def cli(script):
+    """cli(*args): the script run as users do, from the repository root."""
+    return lambda *args: script("segmentation_env.py", *args, timeout=120)
 
 
 def save(path: Path, mask: np.ndarray, **kw) -> Path:
@@ -371,9 +371,9 @@ def test_dataset_errors(tmp_path):
 # ---------------------------------------------------------------- the script
 
 
-def test_script_flags_in_process(isic, tmp_path, capsys):
+def test_script_flags_in_process(isic, tmp_path, capsys, env_script):
     pred, gt = isic
-    load_script().main(["--inp_pth", str(pred), "--out_pth", str(gt), "--n_boot", "30", "--strict", "True",
+    env_script.main(["--inp_pth", str(pred), "--out_pth", str(gt), "--n_boot", "30", "--strict", "True",
                         "--json", str(tmp_path / "s.json"), "--csv", str(tmp_path / "m.csv")])
     out = capsys.readouterr().out
     assert "dice" in out and "0.9000" in out and "wrote" in out
@@ -387,20 +387,15 @@ def test_script_flags_in_process(isic, tmp_path, capsys):
     (["--data_name", "MNIST"], "--data_name"),
     (["--strict", "maybe"], "--strict"),
 ])
-def test_script_rejects_bad_flag_values(isic, argv, message, capsys):
+def test_script_rejects_bad_flag_values(isic, argv, message, capsys, env_script):
     pred, gt = isic
     with pytest.raises(SystemExit) as exc:
-        load_script().main(["--inp_pth", str(pred), "--out_pth", str(gt), *argv])
+        env_script.main(["--inp_pth", str(pred), "--out_pth", str(gt), *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """Run the script as users do, from the repository root."""
-    return subprocess.run([sys.executable, "scripts/segmentation_env.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_cli_isic_end_to_end_reads_only(isic):
+@pytest.mark.slow
+def test_cli_isic_end_to_end_reads_only(isic, cli):
     pred, gt = isic
     save(pred / "prob" / "ISIC_0000000.png", np.where(square(), 255, 0).astype(np.uint8))
     before_pred, before_gt = folder_hash(pred), folder_hash(gt)
@@ -415,7 +410,8 @@ def test_cli_isic_end_to_end_reads_only(isic):
     assert table["id"].tolist() == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
 
 
-def test_cli_folder_dataset_end_to_end(tmp_path):
+@pytest.mark.slow
+def test_cli_folder_dataset_end_to_end(tmp_path, cli):
     data, pred = folder_dataset(tmp_path / "data"), tmp_path / "pred"
     (pred).mkdir()
     split = {"train": [f"s{i}" for i in range(8)], "val": [], "test": ["s8", "s9"]}
@@ -430,7 +426,8 @@ def test_cli_folder_dataset_end_to_end(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["metrics"]["dice"]["mean"] == 1.0
 
 
-def test_cli_error_is_one_line_exit_2(isic):
+@pytest.mark.slow
+def test_cli_error_is_one_line_exit_2(isic, cli):
     pred, gt = isic
     (pred / "ISIC_0000002.png").unlink()
     r = cli("--inp_pth", str(pred), "--out_pth", str(gt))
@@ -440,7 +437,7 @@ def test_cli_error_is_one_line_exit_2(isic):
 
 
 @pytest.mark.parametrize("case", ["no_folder", "strict", "unreadable"])
-def test_script_errors_are_one_line_exit_2(isic, case, capsys):
+def test_script_errors_are_one_line_exit_2(isic, case, capsys, env_script):
     from guided_diffusion.cli import run_cli
     pred, gt = isic
     args = ["--inp_pth", str(pred), "--out_pth", str(gt)]
@@ -452,7 +449,7 @@ def test_script_errors_are_one_line_exit_2(isic, case, capsys):
     else:
         (gt / "ISIC_0000001_Segmentation.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: load_script().main(args))
+        run_cli(lambda: env_script.main(args))
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert {"no_folder": "--out_pth", "strict": "--strict", "unreadable": "ISIC_0000001_Segmentation.png"}[case] in err

@@ -1,4 +1,4 @@
-"""Tests of guided_diffusion.ensemble: fusion (mean, vote, STAPLE), thresholding, uncertainty."""
+"""Tests of guided_diffusion.sampling.ensemble: fusion (mean, vote, STAPLE), thresholding, uncertainty."""
 import math
 
 import numpy as np

@@ -1,7 +1,5 @@
-"""The quickstart end to end on a tiny configuration, its report checked against the mask files themselves."""
+"""Tests for guided_diffusion.reports.quickstart: a tiny quickstart end to end, its report checked against the masks."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +7,14 @@ import pytest
 from PIL import Image
 
 from guided_diffusion.data import datasets
-from guided_diffusion.reports import figures
 from guided_diffusion.reports.quickstart import QuickstartConfig, run_quickstart
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(base: Path, **kw) -> QuickstartConfig:
     return QuickstartConfig(**{**dict(
-        data_name="SYNTHETIC", data_dir=str(base / "data"), out_dir=str(base / "qs"), image_size=16, num_channels=8,
-        train_steps=3, diffusion_steps=40, batch_size=4, samplers="dpm_solver++:3,sde-dpm_solver++:3",
+        data_name="SYNTHETIC", data_dir=str(base / "data"), out_dir=str(base / "qs"), image_size=16,
+        train_flags="--num_channels 8 --batch_size 4", train_steps=3, diffusion_steps=40,
+        samplers="dpm_solver++:3,sde-dpm_solver++:3",
         ddpm_images=2, max_images=3, num_ensemble=2, panel_images=2, device="cpu"), **kw})
 
 
@@ -96,35 +92,15 @@ def test_quickstart_rerun_keeps_the_trained_model(quick, tmp_path):
     assert "Against DDPM" not in again["report"].read_text()  # no reference row asked for
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,needle", [(["--ddpm_images", "-1"], "--ddpm_images"),
                                           (["--samplers", "dpm_solver++"], "--samplers entries are sampler:steps"),
                                           (["--samplers", "", "--ddpm_images", "0"], "nothing to sample"),
                                           (["--samplers", "dpm_solvr:20"], "unknown sampler 'dpm_solvr'"),
                                           (["--device", "tpu"], "--device")])
-def test_quickstart_bad_flags_are_one_line_errors(flags, needle, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "quickstart.py"), "--out_dir", str(tmp_path / "q"),
-                        "--data_dir", str(tmp_path / "d"), *flags], capture_output=True, text=True, timeout=300)
+def test_quickstart_bad_flags_are_one_line_errors(flags, needle, tmp_path, script):
+    r = script("quickstart.py", "--out_dir", str(tmp_path / "q"), "--data_dir", str(tmp_path / "d"), *flags,
+               timeout=300)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "q").exists()  # nothing started
-
-
-def test_example_grid_errors_and_layout(tmp_path):
-    datasets.make_synthetic(tmp_path / "data", num_images=20)
-    pairs = datasets.list_pairs("SYNTHETIC", tmp_path / "data", "all")[:2]
-    folder = tmp_path / "pred"
-    (folder / "uncertainty").mkdir(parents=True)
-    for p in pairs:
-        Image.fromarray(np.zeros((10, 12), np.uint8)).save(folder / f"{p.id}.png")
-        Image.fromarray(np.full((10, 12), 128, np.uint8)).save(folder / "uncertainty" / f"{p.id}.png")
-    one = figures.example_grid(pairs, [figures.Column("m", folder)], tmp_path / "one.png")
-    two = figures.example_grid(pairs, [figures.Column("m", folder), figures.Column("u", folder, "uncertainty"),
-                                       figures.Column("m2", folder)], tmp_path / "two.png")
-    with Image.open(one) as a, Image.open(two) as b:
-        assert b.size[0] > a.size[0] * 1.3 and abs(b.size[1] - a.size[1]) < 0.1 * a.size[1]
-    (folder / f"{pairs[1].id}.png").unlink()
-    with pytest.raises(FileNotFoundError, match=pairs[1].id):
-        figures.example_grid(pairs, [figures.Column("m", folder)], tmp_path / "three.png")
-    assert not (tmp_path / "three.png").exists()
-    with pytest.raises(ValueError):
-        figures.speed_quality_plot([], tmp_path / "q.png")

@@ -1,75 +1,24 @@
-"""Tests for guided_diffusion.datasets: layouts, bad input, splits, loading, transforms, synthetic set."""
+"""Tests for guided_diffusion.data.datasets: layouts, bad input, splits, loading, transforms, preload, real data."""
 
 from __future__ import annotations
 
-import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from image_files import blob, error_text, make_folder, write_image, write_mask
 from PIL import Image
 
 from guided_diffusion.data import datasets as D
 from guided_diffusion.data.datasets import DataError, Pair
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 KVASIR_REAL = SHARED / "Kvasir-SEG"
 ISIC_REAL = SHARED / "ISIC-2017-256"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run faster on one thread (and are immune to a busy shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------ fixtures
-
-
-def write_image(path: Path, size=(12, 10), mode: str = "RGB", seed: int = 0) -> Path:
-    """A small random image (size is W, H) in the given PIL mode."""
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(arr)
-    if mode == "P":
-        img = img.quantize(16)
-    elif mode != "RGB":
-        img = img.convert(mode)
-    img.save(path)
-    return path
-
-
-def blob(size=(12, 10)) -> np.ndarray:
-    """A rectangular foreground blob (bool HxW) for a W x H image."""
-    mask = np.zeros((size[1], size[0]), dtype=bool)
-    mask[2:7, 3:9] = True
-    return mask
-
-
-def write_mask(path: Path, mask: np.ndarray, rgb: bool = False) -> Path:
-    """Mask as 0/255 grayscale (or 3-channel) file; JPEG paths get JPEG noise like Kvasir-SEG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = mask.astype(np.uint8) * 255
-    img = Image.fromarray(np.repeat(arr[..., None], 3, axis=2) if rgb else arr)
-    img.save(path, **({"quality": 75} if path.suffix == ".jpg" else {}))
-    return path
-
-
-def make_folder(root: Path, stems, mask_stems=None, ext=".png", mask_ext=".png") -> Path:
-    """FOLDER layout with one image/mask per stem."""
-    for i, stem in enumerate(stems):
-        write_image(root / "images" / f"{stem}{ext}", seed=i)
-    for stem in mask_stems if mask_stems is not None else stems:
-        write_mask(root / "masks" / f"{stem}{mask_ext}", blob())
-    return root
-
-
 def make_isic2016(root: Path, train=("ISIC_0000000", "ISIC_0000001", "ISIC_0000002"),
                   test=("ISIC_0000010", "ISIC_0000011"), csvs: bool = True) -> Path:
     """ISIC 2016 Part3B layout: masks beside images, header-less ground-truth CSVs."""
@@ -100,16 +49,7 @@ def make_isic2017(root: Path, parts=("Training", "Validation", "Test_v2"), per_p
     return root
 
 
-def error_text(exc_info) -> str:
-    """The DataError message, checked to be one line."""
-    text = str(exc_info.value)
-    assert "\n" not in text
-    return text
-
-
 # ------------------------------------------------------------------------------------------ ISIC
-
-
 def test_isic2016_csv_keeps_first_row_and_official_split(tmp_path):
     root = make_isic2016(tmp_path)
     pairs, official = D.find_pairs("ISIC", root)
@@ -201,8 +141,6 @@ def test_isic_no_image_folders(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ Kvasir, folder
-
-
 def test_kvasir_noisy_jpeg_masks_are_binary(tmp_path):
     mask = np.zeros((40, 48), dtype=bool)
     mask[8:30, 10:40] = True
@@ -256,8 +194,6 @@ def test_load_mask_threshold_rule_and_label_masks(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad input
-
-
 def test_unknown_data_name_names_flag():
     with pytest.raises(DataError) as exc:
         D.find_pairs("BRATS", "/nowhere")
@@ -342,8 +278,6 @@ def test_size_mismatch_names_both_paths(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ splits
-
-
 def test_make_split_deterministic_disjoint_covering():
     ids = [f"id{k:03d}" for k in range(50)]
     split = D.make_split(ids, seed=1)
@@ -412,8 +346,6 @@ def test_list_pairs_empty_split(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ dataset
-
-
 def test_dataset_item_shapes_types_ranges(tmp_path):
     root = tmp_path
     write_image(root / "images" / "wide.jpg", size=(30, 17))
@@ -470,72 +402,7 @@ def test_augmentation_shares_geometry_and_keeps_mask_binary(tmp_path):
     assert len(flips) > 3  # it really is random
 
 
-# ------------------------------------------------------------------------------------------ synthetic
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_synthetic_deterministic_and_varied(tmp_path):
-    a = D.make_synthetic(tmp_path / "a", num_images=30, seed=0)
-    b = D.make_synthetic(tmp_path / "b", num_images=30, seed=0)
-    assert _tree(a) == _tree(b) and len(_tree(a)) == 61
-    assert _tree(D.make_synthetic(tmp_path / "c", num_images=30, seed=1)) != _tree(a)
-    meta = json.loads((a / "meta.json").read_text())
-    assert meta["num_images"] == 30 and meta["seed"] == 0 and "version" in meta
-    pairs, official = D.find_pairs("SYNTHETIC", a)
-    assert len(pairs) == 30 and official is None
-    masks = [D.load_mask(p.mask) for p in pairs]
-    for p in pairs:
-        assert set(np.unique(np.asarray(Image.open(p.mask))).tolist()) <= {0, 255}
-    assert sum(not m.any() for m in masks) == 3  # every 10th image has no lesion
-    border = [m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any() for m in masks]
-    assert 1 <= sum(border) < 20
-    shapes = {m.shape for m in masks}
-    assert len(shapes) > 10 and any(h != w for h, w in shapes)
-    assert all(64 <= h <= 128 and 64 <= w <= 128 for h, w in shapes)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
-
-
-def test_synthetic_reuse_and_conflicts(tmp_path):
-    root = D.make_synthetic(tmp_path / "s", num_images=12)
-    stamp = (root / "images" / "synth_0000.png").stat().st_mtime_ns
-    assert D.make_synthetic(root, num_images=12) == root
-    assert (root / "images" / "synth_0000.png").stat().st_mtime_ns == stamp  # not regenerated
-    D.ensure_dataset("SYNTHETIC", root)  # an existing generated set is accepted as it is
-    with pytest.raises(DataError) as exc:
-        D.make_synthetic(root, num_images=13)
-    assert "--data_dir" in error_text(exc) and str(root / "meta.json") in str(exc.value)
-    foreign = make_folder(tmp_path / "foreign", ["a"])
-    with pytest.raises(DataError) as exc:
-        D.make_synthetic(foreign)
-    assert str(foreign) in error_text(exc) and "--data_dir" in str(exc.value)
-
-
-def test_synthetic_concurrent_generation(tmp_path):
-    root = tmp_path / "shared"
-    with ThreadPoolExecutor(3) as pool:  # like several torchrun ranks calling ensure_dataset at once
-        results = list(pool.map(lambda _: D.make_synthetic(root, num_images=8), range(3)))
-    assert results == [root] * 3
-    assert _tree(root) == _tree(D.make_synthetic(tmp_path / "alone", num_images=8))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "shared"]
-
-
-def test_ensure_dataset_generates_default_synthetic(tmp_path):
-    root = tmp_path / "synthetic"
-    D.ensure_dataset("SYNTHETIC", root)
-    assert json.loads((root / "meta.json").read_text())["num_images"] == 240
-    (tmp_path / "empty").mkdir()
-    assert len(D.find_pairs("SYNTHETIC", tmp_path / "empty")[0]) == 240  # generated on first use
-    item = D.SegmentationDataset(D.list_pairs("SYNTHETIC", root, "train"), 64, augment=True)[0]
-    assert item["image"].shape == (3, 64, 64)
-
-
 # ------------------------------------------------------------------------------------------ real data
-
-
 def _check_real(pairs: list[Pair]) -> None:
     """Every real pair loads, its mask is binary and matches the image size."""
     for pair in pairs:
@@ -566,8 +433,6 @@ def test_real_isic2017():
 
 
 # ------------------------------------------------------------------------------------------- preload
-
-
 def test_preload_shape_keeps_twice_the_image_size_and_never_enlarges():
     assert D.preload_shape(2848, 4288, 256) == (512, round(4288 * 512 / 2848))
     assert D.preload_shape(4288, 2848, 256) == (round(4288 * 512 / 2848), 512)  # portrait: short side is W

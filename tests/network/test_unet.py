@@ -1,11 +1,11 @@
-"""Tests for the MedSegDiff-style UNet (guided_diffusion/unet.py): shapes, caching, continuity in t, gradients."""
+"""Tests for the MedSegDiff-style UNet (network/unet.py): shapes, caching, continuity in t, gradients."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion.network.nn import norm_groups, timestep_embedding
+from guided_diffusion.network.nn import timestep_embedding
 from guided_diffusion.network.unet import (Condition, FFParser, MedSegDiffUNet, default_channel_mult,
                                            parse_attention_resolutions)
 
@@ -222,13 +222,6 @@ def test_bad_arguments_raise_value_error():
         model.encode_condition(img[:, :1])
     with pytest.raises(ValueError, match="attention_resolutions"):
         parse_attention_resolutions("16,eight", 64)
-
-
-def test_group_norm_widths():
-    for width in (8, 16, 17, 24, 32, 48, 64, 96, 128, 192, 256):
-        g = norm_groups(width)
-        assert width % g == 0 and 1 <= g <= 32
-    assert norm_groups(128) == 32 and norm_groups(16) == 8
 
 
 def test_default_channel_mult_and_attention_parsing():

@@ -1,3 +1,4 @@
+"""Tests for guided_diffusion.diffusion.gaussian_diffusion: schedules, q_sample, posterior, steps and losses."""
 import math
 
 import numpy as np

@@ -1,11 +1,6 @@
-"""ADDPM: the forward jump, the truncated chain's ends, the denoiser call, the reduction to the plain sampler,
-no ground truth at sampling time, the auxiliary networks' training and checkpoints, and the benchmark rows."""
+"""Tests for guided_diffusion.sampling.addpm: the forward jump, truncated chains, the denoiser, the sample script."""
 import csv
-import importlib.util
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +8,10 @@ import torch
 from PIL import Image
 
 from dpm_solver import NoiseScheduleVP
-from guided_diffusion.sampling import addpm, pipeline
-from guided_diffusion.training import auxiliary
-from guided_diffusion.network.aux_nets import DENOISER, PRESEG, AuxNetConfig, DenoiserNet, load_aux
-from guided_diffusion.checkpoint import CheckpointError, load_checkpoint
 from guided_diffusion.diffusion.gaussian_diffusion import create_diffusion
-from guided_diffusion.sampling.samplers import SamplerSpec, sample_ensemble
 from guided_diffusion.network.unet import Condition
-
-ROOT = Path(__file__).resolve().parents[1]
+from guided_diffusion.sampling import addpm, pipeline
+from guided_diffusion.sampling.samplers import SamplerSpec, sample_ensemble
 
 
 # ----- mocks -----------------------------------------------------------------------------------------
@@ -246,96 +236,7 @@ def test_sample_flags_resolve_to_the_truncated_chain():
         pipeline.preseg_source(pipeline.SampleConfig(preseg="head", preseg_path="p"))
 
 
-# ----- the auxiliary networks, trained through the scripts ---------------------------------------------
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "scripts" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_script(name, *args):
-    load_script(name).main([str(a) for a in args])
-
-
-TINY = ["--image_size", 16, "--num_channels", 8, "--num_workers", 0, "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from guided_diffusion.data.datasets import make_synthetic
-    base = tmp_path_factory.mktemp("addpm")
-    make_synthetic(base / "data", num_images=20)
-    run_script("segmentation_train.py", "--data_name", "SYNTHETIC", "--data_dir", base / "data", "--out_dir",
-               base / "diff", "--num_res_blocks", 1, "--diffusion_steps", 40, "--noise_schedule", "cosine",
-               "--learn_sigma", "False", "--batch_size", 4, "--max_steps", 2, *TINY)
-    # the seed's flags (--batch_size 12 --lr 0.001 [--T]) with the diffusion run's split, data and schedule
-    run_script("train_preseg_network.py", "--batch_size", 12, "--lr", 0.001, "--split_from", base / "diff",
-               "--out_dir", base / "preseg", "--max_steps", 2, *TINY)
-    run_script("train_denoising_network.py", "--batch_size", 12, "--lr", 0.001, "--T", 10, "--split_from",
-               base / "diff", "--out_dir", base / "den", "--max_steps", 2, *TINY)
-    return base
-
-
-def test_aux_checkpoints_are_self_describing_and_reuse_the_split(runs):
-    pre, den = load_checkpoint(runs / "preseg"), load_checkpoint(runs / "den")
-    diff = load_checkpoint(runs / "diff")
-    assert pre["kind"] == PRESEG and den["kind"] == DENOISER and pre["step"] == den["step"] == 2
-    for ck in (pre, den):
-        for key in ("model", "ema", "optimizer", "rng", "config", "split"):
-            assert key in ck
-        assert ck["split"] == diff["split"] and ck["config"]["data"]["data_name"] == "SYNTHETIC"
-        assert ck["config"]["net"]["image_size"] == 16
-    assert den["config"]["denoiser"] == {"T": 10, "diffusion_steps": 40, "noise_schedule": "cosine"}
-    assert (runs / "preseg" / "split.json").read_text() == (runs / "diff" / "split.json").read_text()
-    assert (runs / "den" / "log.csv").is_file()
-
-
-def test_wrong_kind_of_checkpoint_is_a_clear_error(runs):
-    with pytest.raises(CheckpointError, match="is a pre-segmentation network checkpoint, not a denoising network"):
-        load_aux(runs / "preseg", DENOISER, torch.device("cpu"), flag="--denoiser_path")
-    with pytest.raises(CheckpointError, match="--preseg_path .* is a diffusion model checkpoint"):
-        load_aux(runs / "diff", PRESEG, torch.device("cpu"), flag="--preseg_path")
-    with pytest.raises(CheckpointError, match="--model_path .* is a denoising network checkpoint"):
-        pipeline.load_model(str(runs / "den"), torch.device("cpu"))
-
-
-def test_denoiser_schedule_and_T_are_checked_against_the_diffusion_model(runs):
-    den = load_aux(runs / "den", DENOISER, torch.device("cpu"))
-    lm = pipeline.load_model(str(runs / "diff"), torch.device("cpu"))
-    addpm.check_denoiser(den, lm.diffusion_cfg, 10)
-    with pytest.raises(ValueError, match="--stop_t 11 is above the denoiser's --T 10"):
-        addpm.check_denoiser(den, lm.diffusion_cfg, 11)
-    den.ckpt["config"]["denoiser"]["noise_schedule"] = "linear"
-    with pytest.raises(ValueError, match="trained on the 40-step linear schedule but the diffusion model uses "
-                                         "the 40-step cosine"):
-        addpm.check_denoiser(den, lm.diffusion_cfg, 10)
-
-
-def test_aux_training_resumes_exactly_and_refuses_contradicting_flags(runs, tmp_path):
-    def flags(out, steps, **more):
-        parser = __import__("argparse").ArgumentParser()
-        auxiliary.add_common_args(parser)
-        auxiliary.add_denoiser_args(parser)
-        argv = ["--split_from", runs / "diff", "--out_dir", out, "--max_steps", steps, "--batch_size", 4, "--T", 10,
-                *TINY] + [str(x) for kv in more.items() for x in (f"--{kv[0]}", kv[1])]
-        return vars(parser.parse_args([str(a) for a in argv]))
-
-    auxiliary.train_aux(DENOISER, flags(tmp_path / "a", 3))
-    auxiliary.train_aux(DENOISER, flags(tmp_path / "b", 1))
-    auxiliary.train_aux(DENOISER, flags(tmp_path / "b", 3))
-    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
-    assert a["step"] == b["step"] == 3
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
-    with pytest.raises(ValueError, match="--num_channels 16 contradicts the checkpoint"):
-        auxiliary.plan_run(DENOISER, flags(tmp_path / "b", 4, num_channels=16))
-    with pytest.raises(ValueError, match="--noise_schedule linear contradicts the --split_from run"):
-        auxiliary.plan_run(DENOISER, flags(tmp_path / "c", 4, noise_schedule="linear"))
-    with pytest.raises(ValueError, match="--T must be in 1..40"):
-        auxiliary.plan_run(DENOISER, flags(tmp_path / "c", 4, T=41))
-
-
+# ----- through segmentation_sample.py, on conftest's `runs` (diffusion + preseg + denoiser checkpoints) ---
 def sample_args(runs, out, *more):
     return ["--model_path", runs / "diff", "--out_dir", out, "--sampler", "addpm", "--num_ensemble", 2,
             "--max_images", 3, "--batch_size", 2, "--num_workers", 0, "--device", "cpu", *more]
@@ -346,7 +247,7 @@ def manifest(out):
 
 
 @pytest.mark.parametrize("inner,preseg,nfe", [("ddpm", "net", "1+2+1"), ("dpm_solver++", "head", "0+2+1")])
-def test_sample_script_addpm_writes_masks_uncertainty_and_nfe(runs, tmp_path, inner, preseg, nfe):
+def test_sample_script_addpm_writes_masks_uncertainty_and_nfe(runs, tmp_path, inner, preseg, nfe, run_script):
     out = tmp_path / "pred"
     pre = ["--preseg_path", runs / "preseg"] if preseg == "net" else ["--preseg", "head"]
     run_script("segmentation_sample.py", *sample_args(runs, out, "--pre_t", 12, "--stop_t", 10, "--addpm_inner",
@@ -360,7 +261,7 @@ def test_sample_script_addpm_writes_masks_uncertainty_and_nfe(runs, tmp_path, in
         assert (out / "prob" / f"{r['id']}.png").is_file() and (out / "uncertainty" / f"{r['id']}.png").is_file()
 
 
-def test_no_ground_truth_reaches_the_model_at_sampling_time(runs, tmp_path):
+def test_no_ground_truth_reaches_the_model_at_sampling_time(runs, tmp_path, run_script):
     """Same images, different masks (inverted): the sampled folders are identical, so masks are never read
     into the model's inputs (the split is the diffusion run's, so the same images are sampled)."""
     flipped = tmp_path / "flipped"
@@ -380,11 +281,10 @@ def test_no_ground_truth_reaches_the_model_at_sampling_time(runs, tmp_path):
     assert outs[0] == outs[1]
 
 
-def test_addpm_user_errors_are_one_line(runs, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "segmentation_sample.py"),
-                        *map(str, sample_args(runs, tmp_path / "o", "--pre_t", 12, "--stop_t", 10, "--preseg",
-                                              "head", "--denoiser_path", runs / "preseg"))],
-                       capture_output=True, text=True, timeout=300)
+@pytest.mark.slow
+def test_addpm_user_errors_are_one_line(runs, tmp_path, script, run_script):
+    r = script("segmentation_sample.py", *sample_args(runs, tmp_path / "o", "--pre_t", 12, "--stop_t", 10, "--preseg",
+                                                      "head", "--denoiser_path", runs / "preseg"), timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--denoiser_path" in r.stderr and "is a pre-segmentation network checkpoint" in r.stderr
     for more, match in ((["--stop_t", 10, "--preseg", "head"], "give --denoiser_path"),
@@ -393,43 +293,3 @@ def test_addpm_user_errors_are_one_line(runs, tmp_path):
                         (["--pre_t", 41, "--preseg", "head"], "--pre_t must be in 1..40")):
         with pytest.raises(ValueError, match=match):
             run_script("segmentation_sample.py", *sample_args(runs, tmp_path / "o", *more))
-
-
-def test_benchmark_has_addpm_rows(runs, tmp_path):
-    out = tmp_path / "b"
-    common = ["--model_path", runs / "diff", "--out_dir", out, "--num_ensemble", 2, "--max_images", 2,
-              "--ensemble_check", "", "--device", "cpu", "--pre_t", 12, "--stop_t", 10, "--denoiser_path", runs / "den"]
-    run_script("benchmark_sampling.py", *common, "--configs", "ddpm:1000,addpm-ddpm:0,addpm-dpm_solver++:2",
-               "--preseg", f"{runs / 'preseg'},head")
-    rows = list(csv.DictReader(open(out / "benchmark.csv")))
-    assert [(r["sampler"], r["steps"], r["nfe"], r["nfe_parts"]) for r in rows] == [
-        ("ddpm", "40", "40", ""), ("addpm-ddpm (preseg)", "2", "4", "1+2+1"), ("addpm-ddpm (head)", "2", "3", "0+2+1"),
-        ("addpm-dpm_solver++ (preseg)", "2", "4", "1+2+1"), ("addpm-dpm_solver++ (head)", "2", "3", "0+2+1")]
-    assert float(rows[0]["dice_delta"]) == 0
-    text = (out / "benchmark.md").read_text()
-    assert "| addpm-ddpm (preseg) | 2 | 2 | 4 = 1+2+1 |" in text and "chain from x_12 to x_10" in text
-    # --reuse: finished rows are read back from their manifests, not resampled
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("synth_*.png")}
-    run_script("benchmark_sampling.py", *common, "--configs", "ddpm:1000,addpm-ddpm:0", "--preseg", runs / "preseg",
-               "--reuse", "True")
-    again = list(csv.DictReader(open(out / "benchmark.csv")))
-    keys = ("sampler", "steps", "nfe", "nfe_parts", "dice")
-    assert [tuple(r[k] for k in keys) for r in again] == [tuple(r[k] for k in keys) for r in rows[:2]]
-    assert float(again[1]["seconds_per_image"]) == pytest.approx(float(rows[1]["seconds_per_image"]), abs=1e-3)
-    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("synth_*.png")}
-    from guided_diffusion.reports import benchmark
-    from guided_diffusion.sampling.pipeline import SamplingSummary
-    other = SamplingSummary("addpm-ddpm", 2, 2, images=0, skipped=0, seconds=0.0, nfe=0, nfe_parts={},
-                            settings={"pre_t": 12, "stop_t": 9, "preseg": "head"}, out_dir="")
-    with pytest.raises(ValueError, match="--reuse: .* holds masks sampled with"):
-        benchmark.manifest_cost(out / "addpm-ddpm-0-n2-head", [r["id"] for r in manifest(out / "ddpm-40-n2")],
-                                other)
-
-
-def test_denoiser_net_is_time_conditioned():
-    net = DenoiserNet(AuxNetConfig(image_size=16, num_channels=8)).eval()
-    for p in net.parameters():  # move off the zero-initialised residual branches
-        torch.nn.init.normal_(p, std=0.1)
-    x, image = torch.randn(2, 1, 16, 16), torch.rand(2, 3, 16, 16)
-    assert not torch.allclose(net(x, torch.tensor([1.0, 1.0]), image), net(x, torch.tensor([9.0, 9.0]), image))
-    assert not torch.allclose(net(x, torch.tensor([1.0, 1.0]), image), net(x, torch.tensor([1.0, 1.0]), 1 - image))

@@ -1,13 +1,8 @@
-"""Measured correctness of our DPM-Solver / DPM-Solver++ (dpm_solver package).
+"""Tests for dpm_solver.dpm_solver: phi, measured convergence orders, x0 correction, NFE, dtypes, the SDE solver.
 
-Reference problems (float64 throughout unless stated):
-
-* Gaussian data x0 ~ N(mu, diag(s^2)).  The exact noise prediction is
-      eps*(x, t) = sigma_t (x - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2)
-  and the exact probability-flow map from time T to t is
-      x_t = alpha_t mu + sqrt(v_t / v_T) (x_T - alpha_T mu),  v = alpha^2 s^2 + sigma^2.
-* A two-component Gaussian mixture in 2-D (exact eps from the mixture
-  posterior), compared with the ODE integrated by scipy's DOP853 at rtol 1e-13.
+Reference problems (float64 throughout unless stated): the Gaussian of helpers/gaussian_reference.py (exact eps and
+exact probability-flow map), and a two-component Gaussian mixture in 2-D (exact eps from the mixture posterior),
+compared with the ODE integrated by scipy's DOP853 at rtol 1e-13.
 """
 
 import math
@@ -16,72 +11,20 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from gaussian_reference import F64, Gaussian, noise
 from scipy.integrate import solve_ivp
 
 import dpm_solver.dpm_solver as dpm_module
-from dpm_solver import DPM_Solver, NoiseScheduleVP, model_wrapper, phi
-
-F64 = torch.float64
+from dpm_solver import DPM_Solver, NoiseScheduleVP, phi
 
 
 # --------------------------------------------------------------------------- helpers
-class Gaussian:
-    """x0 ~ N(mu, diag(s^2)) under a given VP schedule."""
-
-    def __init__(self, ns, mu=(1.0, -0.5, 0.3, 2.0), s=(0.1, 0.5, 1.0, 2.0)):
-        self.ns = ns
-        self.mu = torch.tensor(mu, dtype=F64)
-        self.s = torch.tensor(s, dtype=F64)
-
-    def _coefs(self, t, like):
-        t = torch.as_tensor(t, dtype=F64)
-        a = self.ns.marginal_alpha(t).reshape(-1, 1).to(like)
-        sg = self.ns.marginal_std(t).reshape(-1, 1).to(like)
-        return a, sg
-
-    def eps(self, x, t):
-        a, sg = self._coefs(t, x)
-        mu, s = self.mu.to(x), self.s.to(x)
-        return sg * (x - a * mu) / (a**2 * s**2 + sg**2)
-
-    def x0_mean(self, x, t):  # E[x0 | x_t]
-        a, sg = self._coefs(t, x)
-        return (x - sg * self.eps(x, t)) / a
-
-    def exact(self, x_T, t_T, t):
-        a_T, s_T = self._coefs(torch.tensor([t_T], dtype=F64), x_T)
-        a, sg = self._coefs(torch.tensor([t], dtype=F64), x_T)
-        v_T = a_T**2 * self.s**2 + s_T**2
-        v = a**2 * self.s**2 + sg**2
-        return a * self.mu + torch.sqrt(v / v_T) * (x_T - a_T * self.mu)
-
-
-def noise(shape, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
-
-
 def max_err(a, b):
     return (a - b).abs().max().item()
 
 
 def loglog_slope(ks, errs):
     return -np.polyfit(np.log(ks), np.log(errs), 1)[0]
-
-
-@pytest.fixture(scope="module")
-def linear_ns():
-    return NoiseScheduleVP("linear", continuous_beta_0=0.1, continuous_beta_1=20.0)
-
-
-@pytest.fixture(scope="module")
-def betas():
-    return np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
-
-
-@pytest.fixture(scope="module")
-def discrete_ns(betas):
-    return NoiseScheduleVP("discrete", betas=torch.tensor(betas))
 
 
 # --------------------------------------------------------------------------- phi
@@ -95,124 +38,6 @@ def test_phi_matches_closed_form_and_series():
     # continuity across the series / closed-form switch at |z| = 0.5
     for k in (1, 2, 3):
         assert phi(k, 0.5 - 1e-12) == pytest.approx(phi(k, 0.5 + 1e-12), rel=1e-10)
-
-
-# --------------------------------------------------------------------------- schedule
-def test_discrete_schedule_knots(discrete_ns, betas):
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    n = np.arange(1, 1001)
-    t = torch.tensor(n / 1000.0, dtype=F64)
-    alpha = discrete_ns.marginal_alpha(t).numpy()
-    np.testing.assert_allclose(alpha, np.sqrt(alphas_cumprod), rtol=1e-12)
-    np.testing.assert_allclose(discrete_ns.marginal_std(t).numpy(), np.sqrt(1 - alphas_cumprod), rtol=1e-10)
-    assert discrete_ns.T == 1.0 and discrete_ns.total_N == 1000
-    # log alpha is linear between the knots
-    mid = torch.tensor([(n0 + 0.5) / 1000.0 for n0 in (1, 10, 500)], dtype=F64)
-    la = 0.5 * np.log(alphas_cumprod)
-    expected = [(la[n0 - 1] + la[n0]) / 2 for n0 in (1, 10, 500)]
-    np.testing.assert_allclose(discrete_ns.marginal_log_mean_coeff(mid).numpy(), expected, rtol=1e-12)
-
-
-def test_inverse_lambda_roundtrip(discrete_ns, linear_ns):
-    t = torch.cat([torch.linspace(1e-3, 1.0, 997, dtype=F64), torch.tensor([0.3, 0.05, 1e-3, 1.0], dtype=F64)])
-    np.testing.assert_allclose(discrete_ns.inverse_lambda(discrete_ns.marginal_lambda(t)).numpy(), t.numpy(),
-                               rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(linear_ns.inverse_lambda(linear_ns.marginal_lambda(t)).numpy(), t.numpy(),
-                               rtol=1e-10, atol=1e-12)
-    # float32 on the way through keeps ~single precision
-    t32 = t.float()
-    back = discrete_ns.inverse_lambda(discrete_ns.marginal_lambda(t32))
-    assert back.dtype == torch.float32
-    np.testing.assert_allclose(back.double().numpy(), t.numpy(), rtol=2e-4, atol=1e-6)
-
-
-def test_betas_and_alphas_cumprod_give_same_schedule(discrete_ns, betas):
-    ns2 = NoiseScheduleVP("discrete", alphas_cumprod=np.cumprod(1.0 - betas))
-    t = torch.rand(257, dtype=F64, generator=torch.Generator().manual_seed(3)) * (1 - 1e-3) + 1e-3
-    for name in ("marginal_log_mean_coeff", "marginal_alpha", "marginal_std", "marginal_lambda"):
-        np.testing.assert_allclose(getattr(ns2, name)(t).numpy(), getattr(discrete_ns, name)(t).numpy(), rtol=1e-11)
-    lam = discrete_ns.marginal_lambda(t)
-    np.testing.assert_allclose(ns2.inverse_lambda(lam).numpy(), discrete_ns.inverse_lambda(lam).numpy(), rtol=1e-10)
-    assert ns2.total_N == 1000
-
-
-def test_linear_schedule_closed_form(linear_ns):
-    t = torch.linspace(1e-3, 1, 50, dtype=F64)
-    log_alpha = -0.25 * t**2 * (20.0 - 0.1) - 0.5 * t * 0.1
-    np.testing.assert_allclose(linear_ns.marginal_log_mean_coeff(t).numpy(), log_alpha.numpy(), rtol=1e-14)
-    a, s = linear_ns.marginal_alpha(t), linear_ns.marginal_std(t)
-    np.testing.assert_allclose((a**2 + s**2).numpy(), 1.0, rtol=1e-14)
-    np.testing.assert_allclose(linear_ns.marginal_lambda(t).numpy(), torch.log(a / s).numpy(), rtol=1e-12, atol=1e-12)
-
-
-# --------------------------------------------------------------------------- wrapper
-def test_model_wrapper_discrete_time_input(discrete_ns):
-    seen = []
-
-    def model(x, t_input, **kw):
-        seen.append(t_input.clone())
-        assert kw == {"cond": "image"}
-        return torch.zeros_like(x)
-
-    fn = model_wrapper(model, discrete_ns, model_type="noise", model_kwargs={"cond": "image"})
-    x = torch.zeros(3, 2, dtype=F64)
-    fn(x, torch.full((3,), 1.0 / 1000, dtype=F64))
-    fn(x, torch.full((3,), 1.0, dtype=F64))
-    fn(x, torch.tensor(0.5005, dtype=F64))  # scalar t is expanded to the batch
-    assert torch.allclose(seen[0], torch.zeros(3, dtype=F64), atol=1e-12)
-    assert torch.allclose(seen[1], torch.full((3,), 999.0, dtype=F64), atol=1e-10)
-    assert seen[2].shape == (3,) and torch.allclose(seen[2], torch.full((3,), 499.5, dtype=F64), atol=1e-9)
-
-
-def test_model_wrapper_continuous_time_input(linear_ns):
-    seen = []
-    fn = model_wrapper(lambda x, t: (seen.append(t), torch.zeros_like(x))[1], linear_ns)
-    fn(torch.zeros(2, 1), torch.tensor([0.25, 0.25]))
-    assert torch.equal(seen[0], torch.tensor([0.25, 0.25]))
-
-
-def test_model_wrapper_learned_variance_slicing(discrete_ns):
-    g = Gaussian(discrete_ns)
-
-    def model(x, t_input):
-        t = (t_input + 1.0) / 1000
-        return torch.cat([g.eps(x, t), 100.0 + torch.randn_like(x)], dim=1)  # [eps, var_values]
-
-    fn = model_wrapper(model, discrete_ns)
-    x = noise((5, 4))
-    t = torch.full((5,), 0.37, dtype=F64)
-    out = fn(x, t)
-    assert out.shape == x.shape
-    assert torch.allclose(out, g.eps(x, t), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("model_type", ["x_start", "v", "score"])
-def test_model_wrapper_parametrisations(discrete_ns, model_type):
-    g = Gaussian(discrete_ns)
-
-    def model(x, t_input):
-        t = (t_input + 1.0) / 1000  # the inverse of the documented time map
-        a = discrete_ns.marginal_alpha(t).reshape(-1, 1)
-        sg = discrete_ns.marginal_std(t).reshape(-1, 1)
-        eps, x0 = g.eps(x, t), g.x0_mean(x, t)
-        out = {"x_start": x0, "v": a * eps - sg * x0, "score": -eps / sg}[model_type]
-        return torch.cat([out, out], dim=1)  # learned-variance layout on top
-
-    fn = model_wrapper(model, discrete_ns, model_type=model_type)
-    x = noise((6, 4), seed=1)
-    for tv in (0.002, 0.3, 0.97):
-        t = torch.full((6,), tv, dtype=F64)
-        assert torch.allclose(fn(x, t), g.eps(x, t), rtol=1e-9, atol=1e-10), (model_type, tv)
-
-
-def test_model_wrapper_classifier_free(linear_ns):
-    def model(x, t, cond):
-        return x * cond.reshape(-1, 1)
-
-    fn = model_wrapper(model, linear_ns, guidance_type="classifier-free", condition=torch.full((2,), 3.0),
-                       unconditional_condition=torch.full((2,), 1.0), guidance_scale=2.0)
-    x = torch.ones(2, 3)
-    assert torch.allclose(fn(x, torch.tensor([0.5, 0.5])), torch.full((2, 3), 1.0 + 2.0 * (3.0 - 1.0)))
 
 
 # --------------------------------------------------------------------------- order 1 = DDIM
@@ -239,6 +64,8 @@ def test_order1_is_ddim(linear_ns, algorithm, skip_type):
 
 # --------------------------------------------------------------------------- convergence orders
 ORDER_KS = [40, 80, 160, 320]
+
+
 T_END = 0.05  # lambda runs from -5.0 to 1.75; errors at 320 steps are >= 4e-8, far above round-off
 
 
@@ -353,7 +180,11 @@ def test_discrete_schedule_sampling(discrete_ns):
 
 # --------------------------------------------------------------------------- mixture
 MIX_W = np.array([0.3, 0.7])
+
+
 MIX_MU = np.array([[-1.0, 0.5], [1.5, -1.0]])
+
+
 MIX_S = np.array([0.3, 0.5])
 
 

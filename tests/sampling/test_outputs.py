@@ -1,4 +1,4 @@
-"""Tests of guided_diffusion.outputs: atomic PNGs, resizing, overlays, the prediction folder, the manifest."""
+"""Tests of guided_diffusion.sampling.outputs: PNGs, resizing, overlays, the prediction folder, the manifest."""
 import csv
 import os
 import re
@@ -6,22 +6,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from image_files import read_png, temp_files
 from PIL import Image
 
-from guided_diffusion import fileio
 from guided_diffusion.sampling import outputs
 from guided_diffusion.sampling.outputs import PredictionWriter, atomic_write_png, overlay, resize_prob, to_uint8
-
-
-def read_png(path) -> np.ndarray:
-    """A PNG file as a numpy array."""
-    with Image.open(path) as im:
-        return np.asarray(im)
-
-
-def temp_files(root):
-    """Every leftover temporary file under root."""
-    return [p for p in root.rglob("*") if p.name.startswith(fileio.TMP_PREFIX)]
 
 
 def record(id: str, **extra) -> dict:
@@ -55,28 +44,6 @@ def test_atomic_write_png_roundtrip_creates_parents_and_leaves_no_temp(tmp_path)
         atomic_write_png(path, arr.astype(np.float32))
     with pytest.raises(ValueError):
         atomic_write_png(path, np.zeros((3, 4, 2), np.uint8))
-
-
-def test_atomic_write_png_failure_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
-    path = tmp_path / "x.png"
-    old = np.full((4, 4), 7, np.uint8)
-    atomic_write_png(path, old)
-
-    def broken_replace(src, dst):
-        raise OSError("disk gone")
-
-    monkeypatch.setattr(outputs.os, "replace", broken_replace)
-    with pytest.raises(OSError):
-        atomic_write_png(path, np.zeros((4, 4), np.uint8))
-    monkeypatch.undo()
-    assert np.array_equal(read_png(path), old)
-    assert temp_files(tmp_path) == []
-
-
-def test_temp_names_never_hold_digits(tmp_path):
-    for _ in range(200):
-        name = fileio._new_tmp(tmp_path).name
-        assert name.startswith(".") and not re.search(r"\d", name) and not name.endswith(".png")
 
 
 def test_resize_prob_is_bilinear_clamped_and_sized():
