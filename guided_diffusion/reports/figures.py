@@ -129,3 +129,38 @@ def speed_quality_plot(points: list[SpeedPoint], path: Path, title: str = "",
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class NfePoint:
+    """One (model, sampler) row on the Dice-against-NFE plot."""
+    model: str
+    sampler: str
+    nfe: int
+    dice: float
+
+
+def dice_nfe_plot(points: list[NfePoint], path: Path, baseline: tuple[str, float] | None = None,
+                  title: str = "") -> Path:
+    """Dice against network evaluations per member (log scale), one line per model through its samplers, and a
+    plain baseline (a network read out in one pass) as a horizontal line."""
+    if not points:
+        raise ValueError("nothing to plot")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(p.model for p in points):
+        mine = sorted((p for p in points if p.model == name), key=lambda p: p.nfe)
+        ax.plot([p.nfe for p in mine], [p.dice for p in mine], marker="o", label=name)
+        for p in mine:
+            ax.annotate(p.sampler, (p.nfe, p.dice), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    if baseline is not None:
+        ax.axhline(baseline[1], color="black", linestyle="--", linewidth=1.0, label=f"{baseline[0]} ({baseline[1]:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per member (NFE, log scale)")
+    ax.set_ylabel("Dice")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,295 @@
+"""The quality benchmark: diffusion models against a plain UNet trained for the same minutes on the same split.
+
+On one data set it trains, each for --minutes of training time (the trainers' --max_minutes), the diffusion
+model of --preset (plus --diffusion_flags), the ablation models of --ablations (the same with one formulation
+option changed each), and a plain UNet (train_preseg_network.py: image -> mask, Dice + BCE) on the diffusion run's
+split; samples the test images with every sampler of --samplers (the 1-step x0 read-out, the 10-step solvers, the
+seed's --dpm_solver True form) and DDPM over all T steps on the first --ddpm_images; writes the UNet's masks
+through the same pipeline; scores every folder at the images' original size; and writes quality.md (the table,
+with the paired Dice difference to the UNet and its bootstrap CI), quality.csv and quality.png (Dice against NFE,
+the UNet as a line). Re-running continues: finished trainings are not redone and finished masks are kept.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from guided_diffusion import distributed
+from guided_diffusion.checkpoint import find_latest
+from guided_diffusion.config import parse_train_args
+from guided_diffusion.evaluation.metrics import bootstrap_ci
+from guided_diffusion.fileio import atomic_write
+from guided_diffusion.reports import benchmark, figures
+from guided_diffusion.reports.benchmark import BenchRow, RowSpec
+from guided_diffusion.sampling.pipeline import SampleConfig
+from guided_diffusion.sampling.samplers import SAMPLERS
+
+MAIN, UNET = "diffusion", "plain UNet"
+SEED_FORM = "seed"  # --samplers entry seed:K = the seed's `--dpm_solver True --diffusion_steps K`
+DDIM_TD = "ddim-td"  # --samplers entry ddim-td<d>:K = DDIM with K steps and the time difference --td d
+
+# Each ablation: the main recipe with the flags that undo or change one option (what each option adds).
+ABLATIONS: dict[str, tuple[str, str]] = {
+    "seed-eps": ("the seed's formulation on the seed's network: MedSegDiff UNet, eps, learned sigma, b = 1, uniform t, "
+                 "no self-conditioning, no mask loss", "--network medsegdiff --prediction eps --x0_tanh False "
+                 "--learn_sigma True --mask_scale 1 --self_condition False --mask_loss_weight 0 --t_power 1"),
+    "medsegdiff": ("the MedSegDiff network (image encoder, calibration head) with the image also concatenated "
+                   "to x_t, instead of the plain UNet on [x_t, image]", "--network medsegdiff --image_concat True"),
+    "no-tanh": ("an unbounded x0 output instead of b tanh(output)", "--x0_tanh False"),
+    "no-selfcond": ("without self-conditioning", "--self_condition False"),
+    "no-maskloss": ("without the Dice + BCE on the x0 estimate", "--mask_loss_weight 0"),
+    "b1": ("masks in {-1, 1} (mask scale 1)", "--mask_scale 1"),
+    "b0.3": ("mask scale 0.3", "--mask_scale 0.3"),
+    "v": ("v prediction instead of x0", "--prediction v --x0_tanh False"),
+    "eps": ("eps prediction instead of x0", "--prediction eps --x0_tanh False"),
+    "recycle": ("recycling (Fu et al. 2023) instead of self-conditioning", "--self_condition False --recycle True"),
+    "tpow1": ("timesteps drawn uniformly (t_power 1)", "--t_power 1"),
+    "cosine": ("the cosine schedule", "--noise_schedule cosine"),
+}
+
+
+@dataclass
+class QualityConfig:
+    """Flags of scripts/benchmark_quality.py."""
+    data_name: str = field(default="KVASIR", metadata={"help": "ISIC, KVASIR, FOLDER or SYNTHETIC"})
+    data_dir: str = field(default="../shared/data/Kvasir-SEG", metadata={"help": "data set root"})
+    image_size: int = field(default=64, metadata={"help": "side the images are resized to"})
+    minutes: float = field(default=10.0, metadata={"help": "training minutes of every model (--max_minutes)"})
+    out_dir: str = field(default="runs/quality", metadata={"help": "models, masks and the report"})
+    preset: str = field(default="cpu", metadata={"help": "the main diffusion model's --preset"})
+    diffusion_flags: str = field(default="", metadata={"help": "more segmentation_train.py flags for every diffusion "
+                                                               "model (quoted)"})
+    ablations: str = field(default="", metadata={"help": "comma-separated ablation models ('all': every one): "
+                                                         + ", ".join(ABLATIONS)})
+    unet_flags: str = field(default="--num_channels 16 --batch_size 8 --lr 1e-3 --ema_rate 0.995",
+                            metadata={"help": "train_preseg_network.py flags of the plain UNet (quoted)"})
+    samplers: str = field(default="ddim:1,ddim:10,dpm_solver++:10,seed:10,sde-dpm_solver++:10",
+                          metadata={"help": "rows of the main model, sampler:steps (seed:K is the seed's "
+                                            "--dpm_solver True --diffusion_steps K; ddim:1 the one-step x0 read-out)"})
+    ablation_samplers: str = field(default="ddim:1,dpm_solver++:10", metadata={"help": "rows of every ablation model"})
+    ddpm_images: int = field(default=4, metadata={"help": "test images also sampled with DDPM over all T steps "
+                                                          "(0: none)"})
+    num_ensemble: int = field(default=5, metadata={"help": "masks sampled per image"})
+    max_images: int = field(default=0, metadata={"help": "test images to sample (0: all)"})
+    seed: int = field(default=0, metadata={"help": "training and sampling seed"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    plot_dir: str = field(default="", metadata={"help": "also write the figure here (e.g. readme)"})
+
+
+@dataclass
+class QualityRow:
+    """One model and sampler: its BenchRow, the images it is summarised over (None: all it sampled) and the paired
+    comparison with the plain UNet on them."""
+    model: str
+    row: BenchRow
+    ids: list[str] | None = None
+    delta: float = float("nan")
+    delta_low: float = float("nan")
+    delta_high: float = float("nan")
+
+    @property
+    def scores(self):
+        """The per-image scores the row is summarised over."""
+        table = self.row.per_image
+        return table if self.ids is None else table.loc[self.ids]
+
+
+def parse_samplers(spec: str, flag: str) -> list[RowSpec]:
+    """'ddim:1,seed:10' -> rows; seed:K is the seed's fast command --dpm_solver True --diffusion_steps K, and
+    ddim-td<d>:K DDIM with K steps and --td d."""
+    rows = []
+    for name, steps in benchmark.parse_configs(spec, flag):
+        if name.startswith(DDIM_TD):
+            try:
+                td = float(name[len(DDIM_TD):])
+            except ValueError:
+                raise ValueError(f"{flag}: {name!r} needs a number after {DDIM_TD}, e.g. {DDIM_TD}1:10") from None
+            rows.append(RowSpec("ddim", steps, {"sampler": "ddim", "steps": steps, "td": td}, tag=f"td{td:g}"))
+        elif name == SEED_FORM:
+            rows.append(RowSpec("dpm_solver++", steps, {"dpm_solver": True}, {"diffusion_steps": steps}, tag="seed"))
+        elif name in SAMPLERS:
+            rows.append(RowSpec.sampler(name, steps))
+        else:
+            raise ValueError(f"{flag}: unknown sampler {name!r} (one of {', '.join((*SAMPLERS, SEED_FORM))})")
+    return rows
+
+
+def ablation_names(spec: str) -> list[str]:
+    names = list(ABLATIONS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"--ablations: unknown {unknown[0]!r} (one of {', '.join(ABLATIONS)}, or all)")
+    return names
+
+
+def validate(cfg: QualityConfig) -> None:
+    """Every flag checked before the first minute of training."""
+    if not cfg.minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {cfg.minutes}")
+    if cfg.ddpm_images < 0 or cfg.max_images < 0 or cfg.num_ensemble < 1:
+        raise ValueError("--ddpm_images and --max_images must be >= 0, --num_ensemble >= 1")
+    parse_samplers(cfg.samplers, "--samplers")
+    parse_samplers(cfg.ablation_samplers, "--ablation_samplers")
+    ablation_names(cfg.ablations)
+    diffusion_argv(cfg, "check", "")
+
+
+def diffusion_argv(cfg: QualityConfig, name: str, variant_flags: str) -> list[str]:
+    """segmentation_train.py's command line of one diffusion model; parsed here, so a bad flag fails at once."""
+    argv = ["--preset", cfg.preset, "--data_name", cfg.data_name, "--data_dir", cfg.data_dir,
+            "--image_size", str(cfg.image_size), "--out_dir", str(Path(cfg.out_dir) / "models" / name),
+            "--max_minutes", str(cfg.minutes), "--max_steps", str(10 ** 9), "--seed", str(cfg.seed),
+            "--split_seed", str(cfg.split_seed), "--device", cfg.device,
+            *shlex.split(cfg.diffusion_flags), *shlex.split(variant_flags)]
+    parse_train_args(argv)
+    return argv
+
+
+def train_diffusion(cfg: QualityConfig, name: str, variant_flags: str, info: distributed.DistInfo) -> Path:
+    from guided_diffusion.training.diffusion import DiffusionTrainer
+
+    argv = diffusion_argv(cfg, name, variant_flags)
+    print(f"== training {name}: segmentation_train.py {' '.join(argv)}", flush=True)
+    model, diffusion, data, train = parse_train_args(argv)
+    DiffusionTrainer(model, diffusion, data, train, info).run()
+    return Path(train.out_dir)
+
+
+def train_unet(cfg: QualityConfig, split_from: Path) -> Path:
+    from guided_diffusion.training import auxiliary
+
+    out = Path(cfg.out_dir) / "models" / "unet"
+    argv = ["--split_from", str(split_from), "--out_dir", str(out), "--max_minutes", str(cfg.minutes),
+            "--max_steps", str(10 ** 9), "--seed", str(cfg.seed), "--num_workers", "0", "--device", cfg.device,
+            *shlex.split(cfg.unet_flags)]
+    print(f"== training the plain UNet: train_preseg_network.py {' '.join(argv)}", flush=True)
+    auxiliary.train_aux("preseg", vars(auxiliary.aux_parser("preseg").parse_args(argv)))
+    return out
+
+
+def sample_rows(cfg: QualityConfig, model: str, run: Path, rows: list[RowSpec], device: torch.device,
+                max_images: int) -> list[QualityRow]:
+    base = SampleConfig(model_path=str(find_latest(run)), data_name=cfg.data_name, data_dir=cfg.data_dir,
+                        split="test", batch_size=4, max_images=max_images, seed=cfg.seed, device=str(device),
+                        num_workers=0)
+    out = Path(cfg.out_dir) / "samples" / model
+    data = (cfg.data_name, cfg.data_dir)
+    return [QualityRow(model, benchmark.run_one(base, r, cfg.num_ensemble, out, device, data, reuse=True))
+            for r in rows]
+
+
+def paired_delta(row: QualityRow, unet: BenchRow, seed: int = 0) -> QualityRow:
+    """Mean Dice difference to the UNet over the row's images, with a percentile-bootstrap 95% CI."""
+    ids = list(row.scores.index)
+    diff = row.scores["dice"].to_numpy() - unet.per_image.loc[ids, "dice"].to_numpy()
+    lo, hi = bootstrap_ci(diff, n_boot=2000, seed=seed)
+    return replace(row, delta=float(np.nanmean(diff)), delta_low=lo, delta_high=hi)
+
+
+def _mean(q: QualityRow, name: str) -> float:
+    values = q.scores[name] if name in q.scores else []
+    return float(np.nanmean(values)) if len(values) and np.isfinite(values).any() else float("nan")
+
+
+COLUMNS = ("model", "sampler", "steps", "NFE", "s / image", "images", "Dice [95% CI]", "Dice − UNet [95% CI]", "IoU",
+           "HD95 (px)", "ECE")
+
+
+def table_rows(rows: list[QualityRow]) -> list[list[str]]:
+    out = []
+    for q in rows:
+        r, dice = q.row, q.scores["dice"].to_numpy()
+        lo, hi = bootstrap_ci(dice, n_boot=2000)
+        delta = "" if q.model == UNET else f"{q.delta:+.4f} [{q.delta_low:+.4f}, {q.delta_high:+.4f}]"
+        out.append([q.model, r.sampler, str(r.steps), str(r.nfe), f"{r.seconds_per_image:.3f}", str(len(dice)),
+                    f"{np.nanmean(dice):.4f} [{lo:.4f}, {hi:.4f}]", delta, f"{_mean(q, 'iou'):.4f}",
+                    f"{_mean(q, 'hd95'):.2f}", f"{_mean(q, 'ece'):.4f}"])
+    return out
+
+
+def to_markdown(rows: list[QualityRow]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * 4 + "---|---|" + "---:|" * 3]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[QualityRow]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    w.writerows(table_rows(rows))
+    return buf.getvalue()
+
+
+def run_quality(cfg: QualityConfig, command: str = "") -> Path:
+    """Train, sample, score and report; the path of quality.md."""
+    t0 = time.perf_counter()
+    validate(cfg)
+    info = distributed.setup(cfg.device)
+    if info.distributed:
+        raise ValueError("the quality benchmark runs as one process")
+    out = Path(cfg.out_dir)
+    models = {MAIN: train_diffusion(cfg, MAIN, "", info)}
+    unet_run = train_unet(cfg, models[MAIN])
+    for name in ablation_names(cfg.ablations):
+        models[name] = train_diffusion(cfg, name, ABLATIONS[name][1], info)
+
+    rows = sample_rows(cfg, UNET, unet_run, [RowSpec("preseg", 1)], info.device, cfg.max_images)
+    unet = rows[0].row
+    rows += sample_rows(cfg, MAIN, models[MAIN], parse_samplers(cfg.samplers, "--samplers"), info.device,
+                        cfg.max_images)
+    for name in ablation_names(cfg.ablations):
+        rows += sample_rows(cfg, name, models[name], parse_samplers(cfg.ablation_samplers, "--ablation_samplers"),
+                            info.device, cfg.max_images)
+    rows = [rows[0]] + [paired_delta(q, unet) for q in rows[1:]]
+    lines = [f"# Quality: {cfg.data_name} ({cfg.data_dir}), {cfg.image_size} px, {cfg.minutes:g} training minutes "
+             f"per model", "", f"command: {command}" if command else "", "",
+             to_markdown(rows)]
+    if cfg.ddpm_images:
+        ddpm = sample_rows(cfg, MAIN, models[MAIN], [RowSpec.sampler("ddpm", 0)], info.device, cfg.ddpm_images)
+        ids = list(ddpm[0].row.per_image.index)
+        subset = [QualityRow(q.model, q.row, ids) for q in rows if q.model in (UNET, MAIN)] + ddpm
+        subset = [subset[0]] + [paired_delta(q, unet) for q in subset[1:]]
+        lines += [f"On the first {len(ids)} test images, with DDPM over all T steps:", "", to_markdown(subset)]
+    lines += ["(seed): the seed's fast command, `--dpm_solver True --diffusion_steps K`; ddim 1: the one-step x0 "
+              "read-out from pure noise; preseg: the plain UNet's masks written by the same pipeline.",
+              note_lines(cfg, models, unet_run, time.perf_counter() - t0)]
+    points = [figures.NfePoint(q.model, f"{q.row.sampler} {q.row.steps}", q.row.nfe, q.row.dice) for q in rows[1:]]
+    # (every row of `rows` covers all sampled test images, so its BenchRow Dice is the table's)
+    made = [figures.dice_nfe_plot(points, out / "quality.png", baseline=(UNET, unet.dice),
+                                  title=f"{cfg.data_name}, {cfg.image_size} px, {cfg.minutes:g} min per model, "
+                                        f"{unet.dice_summary['n']} test images, {cfg.num_ensemble} members")]
+    if cfg.plot_dir:
+        made.append(atomic_write(Path(cfg.plot_dir) / f"quality_{cfg.data_name.lower()}.png",
+                                 (out / "quality.png").read_bytes()))
+    atomic_write(out / "quality.csv", to_csv(rows))
+    report = atomic_write(out / "quality.md", "\n".join(lines) + "\n")
+    print("\n" + report.read_text() + "written: " + ", ".join(str(p) for p in [report, out / "quality.csv", *made]))
+    return report
+
+
+def note_lines(cfg: QualityConfig, models: dict[str, Path], unet_run: Path, seconds: float) -> str:
+    """What each model is and how long it trained (from its checkpoint)."""
+    from guided_diffusion.checkpoint import load_checkpoint
+
+    lines = ["", "| model | what | steps | minutes | images seen |", "|---|---|---:|---:|---:|"]
+    for name, run in [*models.items(), (UNET, unet_run)]:
+        ckpt = load_checkpoint(run)
+        what = {MAIN: f"--preset {cfg.preset} {cfg.diffusion_flags}".strip(),
+                UNET: f"train_preseg_network.py {cfg.unet_flags}"}.get(name) or ABLATIONS[name][0]
+        batch = ckpt["config"]["train"]["batch_size"]
+        lines.append(f"| {name} | {what} | {ckpt['step']} | {ckpt.get('train_seconds', 0) / 60:.1f} | "
+                     f"{ckpt['step'] * batch} |")
+    lines += ["", f"Dice − UNet: mean per-image difference to the plain UNet on the same images, percentile "
+                  f"bootstrap 95% CI (2000 resamples). The whole benchmark took {seconds / 60:.1f} minutes "
+                  f"({sys.platform}, torch {torch.__version__}, {torch.get_num_threads()} threads)."]
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""scripts/benchmark_quality.py: trains the diffusion models and the plain UNet for the same minutes, samples,
+scores and writes the table and the figure (tiny models, seconds of training)."""
+import csv
+
+import pytest
+
+from guided_diffusion.reports import quality
+
+
+@pytest.mark.slow
+def test_quality_benchmark_reports_every_model_against_the_unet(tmp_path, run_script):
+    from guided_diffusion.data.datasets import make_synthetic
+
+    make_synthetic(tmp_path / "data", num_images=20)
+    out = tmp_path / "q"
+    run_script("benchmark_quality.py", "--data_name", "SYNTHETIC", "--data_dir", tmp_path / "data", "--image_size", 16,
+               "--minutes", 0.02, "--out_dir", out, "--ablations", "seed-eps", "--ddpm_images", 2,
+               "--num_ensemble", 2, "--max_images", 3, "--device", "cpu", "--samplers", "ddim:1,dpm_solver++:3,seed:3",
+               "--ablation_samplers", "dpm_solver++:3",
+               "--diffusion_flags", "--diffusion_steps 20 --num_channels 8", "--unet_flags", "--num_channels 8")
+    rows = list(csv.DictReader(open(out / "quality.csv")))
+    assert [(r["model"], r["sampler"], r["steps"], r["NFE"]) for r in rows] == [
+        ("plain UNet", "preseg", "1", "1"), ("diffusion", "ddim", "1", "1"), ("diffusion", "dpm_solver++", "3", "4"),
+        ("diffusion", "dpm_solver++ (seed)", "3", "4"), ("seed-eps", "dpm_solver++", "3", "4")]
+    assert all(r["images"] == "3" for r in rows) and rows[0]["Dice − UNet [95% CI]"] == ""
+    text = (out / "quality.md").read_text()
+    assert "On the first 2 test images, with DDPM over all T steps" in text and "| diffusion | ddpm | 20 | 20 |" in text
+    assert (out / "quality.png").stat().st_size > 0
+    # the seed's --dpm_solver True --diffusion_steps K is DPM-Solver++ with K steps: the same masks
+    a, b = (out / "samples" / "diffusion" / d for d in ("dpm_solver++-3-n2", "dpm_solver++-3-n2-seed"))
+    assert [p.read_bytes() for p in sorted(a.glob("*.png"))] == [p.read_bytes() for p in sorted(b.glob("*.png"))]
+    # a re-run trains nothing more and resamples nothing
+    before = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")}
+    run_script("benchmark_quality.py", "--data_name", "SYNTHETIC", "--data_dir", tmp_path / "data", "--image_size", 16,
+               "--minutes", 0.02, "--out_dir", out, "--ablations", "seed-eps", "--ddpm_images", 2,
+               "--num_ensemble", 2, "--max_images", 3, "--device", "cpu", "--samplers", "ddim:1,dpm_solver++:3,seed:3",
+               "--ablation_samplers", "dpm_solver++:3",
+               "--diffusion_flags", "--diffusion_steps 20 --num_channels 8", "--unet_flags", "--num_channels 8")
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")}
+
+
+def test_bad_quality_flags_fail_before_any_training(tmp_path):
+    base = quality.QualityConfig(data_name="SYNTHETIC", data_dir=str(tmp_path / "d"), out_dir=str(tmp_path / "q"))
+    for change, needle in (({"ablations": "nope"}, "--ablations: unknown 'nope'"),
+                           ({"samplers": "euler:3"}, "--samplers: unknown sampler 'euler'"),
+                           ({"minutes": 0.0}, "--minutes must be > 0"),
+                           ({"diffusion_flags": "--prediction score"}, "--prediction must be")):
+        cfg = quality.QualityConfig(**{**vars(base), **change})
+        with pytest.raises((ValueError, SystemExit)) as exc:
+            quality.run_quality(cfg)
+        assert exc.type is SystemExit or needle in str(exc.value), (change, exc.value)
+    assert not (tmp_path / "q").exists()
