@@ -107,21 +107,31 @@ def speed_quality_plot(points: list[SpeedPoint], path: Path, title: str = "",
     (DDPM over all T steps) marked, with a dashed line `tolerance` below its Dice."""
     if not points:
         raise ValueError("nothing to plot")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in dict.fromkeys(p.sampler for p in points):
-        mine = sorted((p for p in points if p.sampler == name), key=lambda p: p.seconds_per_image)
-        ax.plot([p.seconds_per_image for p in mine], [p.dice for p in mine], marker="o", label=name)
-        for p in mine:
-            ax.annotate(str(p.steps), (p.seconds_per_image, p.dice), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+    fig, ax = _dice_lines(points, group=lambda p: p.sampler, x=lambda p: p.seconds_per_image,
+                          note=lambda p: str(p.steps))
     if reference is not None:
         ax.axhline(reference.dice - tolerance, color="gray", linestyle="--", linewidth=0.8,
                    label=f"reference Dice − {tolerance:g}")
         ax.plot([reference.seconds_per_image], [reference.dice], marker="*", markersize=12, color="black",
                 linestyle="none", label=f"reference: {reference.sampler} {reference.steps}")
+    return _finish_log_plot(fig, ax, "seconds per image (log scale)", title, path)
+
+
+def _dice_lines(points, group, x, note):
+    """A figure with Dice against x(p), one line per group(p) in first-seen order, each point labelled note(p)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in dict.fromkeys(group(p) for p in points):
+        mine = sorted((p for p in points if group(p) == name), key=x)
+        ax.plot([x(p) for p in mine], [p.dice for p in mine], marker="o", label=name)
+        for p in mine:
+            ax.annotate(note(p), (x(p), p.dice), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    return fig, ax
+
+
+def _finish_log_plot(fig, ax, xlabel: str, title: str, path: Path) -> Path:
     ax.set_xscale("log")
-    ax.set_xlabel("seconds per image (log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("Dice")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -146,21 +156,7 @@ def dice_nfe_plot(points: list[NfePoint], path: Path, baseline: tuple[str, float
     plain baseline (a network read out in one pass) as a horizontal line."""
     if not points:
         raise ValueError("nothing to plot")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in dict.fromkeys(p.model for p in points):
-        mine = sorted((p for p in points if p.model == name), key=lambda p: p.nfe)
-        ax.plot([p.nfe for p in mine], [p.dice for p in mine], marker="o", label=name)
-        for p in mine:
-            ax.annotate(p.sampler, (p.nfe, p.dice), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    fig, ax = _dice_lines(points, group=lambda p: p.model, x=lambda p: p.nfe, note=lambda p: p.sampler)
     if baseline is not None:
         ax.axhline(baseline[1], color="black", linestyle="--", linewidth=1.0, label=f"{baseline[0]} ({baseline[1]:.3f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per member (NFE, log scale)")
-    ax.set_ylabel("Dice")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish_log_plot(fig, ax, "network evaluations per member (NFE, log scale)", title, path)
