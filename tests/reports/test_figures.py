@@ -1,4 +1,4 @@
-"""Tests for guided_diffusion.reports.figures: the example grid's layout and errors, the speed/quality plot's."""
+"""Tests for guided_diffusion.reports.figures: the example grid's layout and errors, the speed/quality and Dice/NFE plots."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,3 +26,38 @@ def test_example_grid_errors_and_layout(tmp_path):
     assert not (tmp_path / "three.png").exists()
     with pytest.raises(ValueError):
         figures.speed_quality_plot([], tmp_path / "q.png")
+
+
+def _drawn(ax_calls, monkeypatch):
+    """Record every line the plots draw (x and y data, label) instead of trusting the PNG's pixels."""
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        lines = real(self, *args, **kwargs)
+        ax_calls.extend((list(map(float, ln.get_xdata())), list(map(float, ln.get_ydata())), ln.get_label())
+                        for ln in lines)
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+
+
+def test_speed_and_nfe_plots_draw_one_sorted_line_per_group(tmp_path, monkeypatch):
+    calls = []
+    _drawn(calls, monkeypatch)
+    points = [figures.SpeedPoint("ddim", 20, 2.0, 0.6), figures.SpeedPoint("ddim", 10, 1.0, 0.5),
+              figures.SpeedPoint("sde", 10, 1.1, 0.7)]
+    ref = figures.SpeedPoint("ddpm", 1000, 50.0, 0.8)
+    path = figures.speed_quality_plot(points, tmp_path / "q.png", reference=ref)
+    assert path.is_file() and Image.open(path).size[0] > 100
+    assert calls[:2] == [([1.0, 2.0], [0.5, 0.6], "ddim"), ([1.1], [0.7], "sde")]
+    assert calls[2] == ([50.0], [0.8], "reference: ddpm 1000")
+    calls.clear()
+    nfe = [figures.NfePoint("diffusion", "ddim 10", 10, 0.7), figures.NfePoint("diffusion", "ddim 1", 1, 0.72),
+           figures.NfePoint("b1", "ddim 1", 1, 0.6)]
+    path = figures.dice_nfe_plot(nfe, tmp_path / "n.png", baseline=("plain UNet", 0.71))
+    assert path.is_file()
+    assert calls == [([1.0, 10.0], [0.72, 0.7], "diffusion"), ([1.0], [0.6], "b1")]
+    with pytest.raises(ValueError):
+        figures.dice_nfe_plot([], tmp_path / "e.png")
