@@ -416,13 +416,16 @@ class Trainer:
                       f"nothing to do (raise --max_minutes to train on)")
             return find_latest(self.out_dir)
         logger = RunLogger(self.out_dir, ["step", *self.loss_terms, "lr", "images_per_s", "data_wait"], enabled=main)
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not main, desc=f"train {self.kind}", unit="step",
-                   dynamic_ncols=True)
+        timed = bool(tc.max_minutes)  # a time budget: the bar counts training seconds, the steps go in its postfix
+        trained_before = self.train_seconds
+        bar = tqdm(total=round(60 * tc.max_minutes) if timed else tc.max_steps,
+                   initial=round(trained_before) if timed else self.step, disable=not main,
+                   desc=f"train {self.kind}", unit="s" if timed else "step", dynamic_ncols=True, mininterval=1.0,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]" if timed else None)
         self.model.train()
         window: list[dict[str, float]] = []
         started = t_last = time.perf_counter()
         seen, waited, hinted, path = 0, 0.0, False, None
-        trained_before = self.train_seconds
         batches = iter(self.loader)  # infinite (StepSampler)
         try:
             while True:
@@ -432,8 +435,9 @@ class Trainer:
                 window.append(self.train_step(batch))
                 self.train_seconds = trained_before + time.perf_counter() - started
                 seen += batch["mask"].shape[0] * self.di.world_size
-                bar.update(1)
-                bar.set_postfix(loss=f"{window[-1]['loss']:.4f}")
+                bar.update(min(round(self.train_seconds), bar.total) - bar.n if timed else 1)
+                bar.set_postfix({"step": self.step, "loss": f"{window[-1]['loss']:.4f}"} if timed else
+                                {"loss": f"{window[-1]['loss']:.4f}"}, refresh=False)
                 last = self.step >= tc.max_steps or self._out_of_time()
                 if self.step % tc.log_interval == 0 or last:
                     now = time.perf_counter()
