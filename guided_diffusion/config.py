@@ -151,8 +151,8 @@ class TrainConfig(RunConfig):
 
 # The recipes behind --preset: values for flags the user did not give (measured in the README's "Quality" section).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(network="unet", num_channels=16, num_res_blocks=1, attention_resolutions="", learn_sigma=False,
-                prediction="x0", x0_tanh=True, mask_scale=0.1, self_condition=True, mask_loss_weight=1.0,
+    "cpu": dict(network="medsegdiff", image_concat=True, num_channels=16, num_res_blocks=1, attention_resolutions="",
+                learn_sigma=False, prediction="x0", x0_tanh=True, mask_scale=0.1, self_condition=True, mask_loss_weight=1.0,
                 t_power=0.5, batch_size=8, lr=1e-3, ema_rate=0.995, num_workers=0, save_interval=1000,
                 log_interval=50),
 }

@@ -38,11 +38,12 @@ DDIM_TD = "ddim-td"  # --samplers entry ddim-td<d>:K = DDIM with K steps and the
 
 # Each ablation: the main recipe with the flags that undo or change one option (what each option adds).
 ABLATIONS: dict[str, tuple[str, str]] = {
-    "seed-eps": ("the seed's formulation on the seed's network: MedSegDiff UNet, eps, learned sigma, b = 1, uniform t, "
-                 "no self-conditioning, no mask loss", "--network medsegdiff --prediction eps --x0_tanh False "
-                 "--learn_sigma True --mask_scale 1 --self_condition False --mask_loss_weight 0 --t_power 1"),
-    "medsegdiff": ("the MedSegDiff network (image encoder, calibration head) with the image also concatenated "
-                   "to x_t, instead of the plain UNet on [x_t, image]", "--network medsegdiff --image_concat True"),
+    "seed-eps": ("the seed's formulation: eps, learned sigma, b = 1, uniform t, no self-conditioning, no mask loss, no "
+                 "image concatenation", "--image_concat False --prediction eps --x0_tanh False --learn_sigma True "
+                 "--mask_scale 1 --self_condition False --mask_loss_weight 0 --t_power 1"),
+    "concat-unet": ("a plain UNet denoiser on [x_t, image] (--network unet) instead of the MedSegDiff network",
+                    "--network unet --image_concat False"),
+    "no-concat": ("without the image concatenated to x_t (the image encoder alone sees it)", "--image_concat False"),
     "no-tanh": ("an unbounded x0 output instead of b tanh(output)", "--x0_tanh False"),
     "no-selfcond": ("without self-conditioning", "--self_condition False"),
     "no-maskloss": ("without the Dice + BCE on the x0 estimate", "--mask_loss_weight 0"),
@@ -181,7 +182,7 @@ def sample_rows(cfg: QualityConfig, model: str, run: Path, rows: list[RowSpec], 
     base = SampleConfig(model_path=str(find_latest(run)), data_name=cfg.data_name, data_dir=cfg.data_dir,
                         split="test", batch_size=4, max_images=max_images, seed=cfg.seed, device=str(device),
                         num_workers=0)
-    out = Path(cfg.out_dir) / "samples" / model
+    out = Path(cfg.out_dir) / "samples" / model.replace(" ", "_")  # "plain UNet" -> plain_UNet: no space in paths
     data = (cfg.data_name, cfg.data_dir)
     return [QualityRow(model, benchmark.run_one(base, r, cfg.num_ensemble, out, device, data, reuse=True))
             for r in rows]

@@ -50,3 +50,22 @@ def test_bad_quality_flags_fail_before_any_training(tmp_path):
             quality.run_quality(cfg)
         assert exc.type is SystemExit or needle in str(exc.value), (change, exc.value)
     assert not (tmp_path / "q").exists()
+
+
+def test_every_ablation_is_a_valid_model_that_differs_from_the_main_one(tmp_path):
+    from guided_diffusion.config import parse_train_args
+
+    cfg = quality.QualityConfig(data_name="SYNTHETIC", data_dir=str(tmp_path / "d"), out_dir=str(tmp_path / "q"))
+
+    def configs(name, flags):
+        model, diffusion, _, train = parse_train_args(quality.diffusion_argv(cfg, name, flags))
+        return {**vars(model), **vars(diffusion), **{k: v for k, v in vars(train).items() if k != "out_dir"}}
+
+    main = configs("main", "")
+    for name, (what, flags) in quality.ABLATIONS.items():
+        changed = {k for k, v in configs(name, flags).items() if main[k] != v}
+        assert changed and what, name  # a row whose flags change nothing would report noise as an effect
+        assert name not in (quality.MAIN, "unet"), "an ablation's folder would collide with the main or UNet run"
+    seed = configs("seed-eps", quality.ABLATIONS["seed-eps"][1])
+    assert (seed["prediction"], seed["learn_sigma"], seed["mask_scale"], seed["network"], seed["image_concat"]) == \
+        ("eps", True, 1.0, "medsegdiff", False)
