@@ -8,6 +8,7 @@ kind is never loaded as another.
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, of the wrong kind, or not one of ours (one line naming the file)."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """The file is truncated, corrupt, or not a torch file."""
+
+
 def save_checkpoint(out_dir: Path, step: int, payload: dict[str, Any], keep: int = 0) -> Path:
     """Write model_<step>.pt atomically, point `latest` at it, and drop all but the `keep` newest."""
     out_dir = Path(out_dir)
@@ -40,16 +45,21 @@ def save_checkpoint(out_dir: Path, step: int, payload: dict[str, Any], keep: int
     return path
 
 
-def find_latest(out_dir: Path) -> Path | None:
-    """The checkpoint `latest` names in out_dir, else the highest-step model_*.pt, else None."""
+def candidates(out_dir: Path) -> list[Path]:
+    """out_dir's checkpoints, newest (highest step) first; none when out_dir is not a folder."""
     out_dir = Path(out_dir)
-    pointer = out_dir / LATEST
-    if pointer.is_file():
-        candidate = out_dir / pointer.read_text().strip()
-        if candidate.is_file():
-            return candidate
-    found = sorted(out_dir.glob(CHECKPOINT_GLOB))
-    return found[-1] if found else None
+    return sorted(out_dir.glob(CHECKPOINT_GLOB), reverse=True) if out_dir.is_dir() else []
+
+
+def find_latest(out_dir: Path) -> Path | None:
+    """The highest-step model_*.pt in out_dir (the one `latest` names after a clean save), else None."""
+    found = candidates(out_dir)
+    return found[0] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's file name (model_0000123.pt -> 123)."""
+    return int(Path(path).stem.split("_")[-1])
 
 
 def checkpoint_kind(ckpt: dict) -> str:
@@ -64,16 +74,13 @@ def load_checkpoint(path: Path | str, flag: str = "--model_path", kind: str | No
     (ending with `hint`, by default the script that trains the right kind)."""
     path = Path(path)
     if path.is_dir():
-        latest = find_latest(path)
-        if latest is None:
-            raise CheckpointError(f"{flag} {path}: folder holds no model_*.pt checkpoint")
-        path = latest
+        return _load_newest_intact(path, flag, kind, hint, map_location)
     if not path.is_file():
         raise CheckpointError(f"{flag} {path}: no such file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt, truncated, or not a torch file
-        raise CheckpointError(f"{flag} {path}: not a readable checkpoint ({type(exc).__name__}: {exc})"
+        raise UnreadableCheckpoint(f"{flag} {path}: not a readable checkpoint ({type(exc).__name__}: {exc})"
                               .splitlines()[0]) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{flag} {path}: not a checkpoint of this toolkit (no '{FORMAT}' format tag)")
@@ -83,6 +90,25 @@ def load_checkpoint(path: Path | str, flag: str = "--model_path", kind: str | No
         raise CheckpointError(f"{flag} {path} is a {DESCRIBE.get(found, found)} checkpoint, not a {DESCRIBE[kind]} "
                               f"one; {hint or 'train that with ' + TRAIN_SCRIPT[kind]}")
     return ckpt
+
+
+def _load_newest_intact(folder: Path, flag: str, kind: str | None, hint: str, map_location) -> dict[str, Any]:
+    """A run folder's newest readable checkpoint; a truncated or corrupt newer one (a full disk, a copy cut short)
+    is skipped with a warning naming it, so the intact previous one is used instead of stopping the run."""
+    found = candidates(folder)
+    if not found:
+        raise CheckpointError(f"{flag} {folder}: folder holds no model_*.pt checkpoint")
+    skipped = []
+    for path in found:
+        try:
+            ckpt = load_checkpoint(path, flag, kind, hint, map_location)
+        except UnreadableCheckpoint as exc:
+            skipped.append(str(exc))
+            continue
+        for line in skipped:
+            print(f"warning: {line}; using the previous intact checkpoint {path.name}", file=sys.stderr, flush=True)
+        return ckpt
+    raise CheckpointError(f"{flag} {folder}: no readable checkpoint ({skipped[0]})")
 
 
 def check_flags(given: dict[str, Any], saved: dict[str, Any], where: str, hint: str = "",

@@ -101,6 +101,8 @@ class RunConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     seed: int = field(default=0, metadata={"help": "random seed of the run"})
     resume: str = field(default="auto", metadata={"help": "auto (latest in --out_dir), none, or a checkpoint path"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run already in --out_dir (its checkpoints, "
+                                                             "log and split) instead of stopping with an error"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA where supported, else off), none, bf16, fp16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the network (slow first steps, faster after)"})
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory layout (faster convolutions on tensor cores)"})
@@ -251,6 +253,25 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
         raise ValueError(f"--x0_tanh True bounds an x0 prediction: it needs --prediction x0, got {diffusion.prediction}")
     if not diffusion.mask_scale > 0:
         raise ValueError(f"--mask_scale must be > 0, got {diffusion.mask_scale}")
+
+
+def check_attention_resolutions(model: ModelConfig) -> None:
+    """At training time every --attention_resolutions entry must be a feature-map size the network has (the parser
+    itself is lenient so one value serves several sizes, and old checkpoints keep loading)."""
+    from guided_diffusion.network.unet import default_channel_mult, parse_attention_resolutions
+
+    mult = parse_int_list(model.channel_mult, "--channel_mult") or default_channel_mult(model.image_size)
+    sizes = [model.image_size // 2 ** k for k in range(len(mult))]
+    for token in [t for t in model.attention_resolutions.replace(";", ",").split(",") if t.strip()]:
+        try:
+            ok = int(token) in sizes
+        except ValueError:
+            ok = False
+        if not ok:
+            parse_attention_resolutions(token, model.image_size)  # malformed: its own message
+            raise ValueError(f"--attention_resolutions {model.attention_resolutions}: {token.strip()} is not a "
+                             f"feature-map size of a {model.image_size} px network (those are "
+                             f"{', '.join(map(str, sizes))}; empty: attention only in the middle block)")
 
 
 def create_model(model: ModelConfig, diffusion: DiffusionConfig):

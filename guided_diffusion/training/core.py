@@ -18,7 +18,12 @@ when the global batch is unchanged (4 x 4 = 2 x 8 = 1 x 16).
 from __future__ import annotations
 
 import csv
+import io
 import math
+import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -29,14 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
-from guided_diffusion.checkpoint import (DESCRIBE, CheckpointError, capture_rng_state, find_latest, load_checkpoint,
-                                         restore_rng_state, save_checkpoint)
+from guided_diffusion import progress
+from guided_diffusion.checkpoint import (DESCRIBE, CheckpointError, candidates, capture_rng_state, checkpoint_step,
+                                         find_latest, load_checkpoint, restore_rng_state, save_checkpoint)
+from guided_diffusion.cli import Interrupted
 from guided_diffusion.config import DataConfig, RunConfig
 from guided_diffusion.data import datasets
 from guided_diffusion.distributed import DistInfo, barrier
-from guided_diffusion.layout import LOG_FILE, SPLIT_FILE
+from guided_diffusion.fileio import OutDirLock, atomic_write, remove_stale_tmp
+from guided_diffusion.layout import LATEST, LOG_FILE, SPLIT_FILE
 
 
 class TrainingDiverged(RuntimeError):
@@ -191,12 +198,12 @@ def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
 def find_resume(cfg: RunConfig, kind: str, dist_info: DistInfo) -> dict | None:
     """The checkpoint --resume points at (auto: the latest in --out_dir; none: none), checked to be of `kind`;
     under torchrun every rank must find the same one (--out_dir must be shared)."""
-    hint = "use another --out_dir (or --resume none)"
-    if cfg.resume == "none":
+    hint = "use another --out_dir (or --overwrite True to replace that run)"
+    if cfg.resume == "none" or (cfg.resume == "auto" and cfg.overwrite):
         ckpt = None
-    elif cfg.resume == "auto":
-        path = find_latest(Path(cfg.out_dir))
-        ckpt = load_checkpoint(path, "--out_dir", kind=kind, hint=hint) if path is not None else None
+    elif cfg.resume == "auto":  # the newest intact checkpoint (a truncated newer one is skipped with a warning)
+        found = find_latest(Path(cfg.out_dir)) is not None
+        ckpt = load_checkpoint(cfg.out_dir, "--out_dir", kind=kind, hint=hint) if found else None
     else:
         ckpt = load_checkpoint(cfg.resume, "--resume", kind=kind, hint=hint)
     if dist_info.distributed:
@@ -260,6 +267,24 @@ class Trainer:
         self.data_cfg, self.tc, self.di = data_cfg, run_cfg, dist_info
         self.out_dir = Path(run_cfg.out_dir)
         self.device = dist_info.device
+        self.lock: OutDirLock | None = None
+        self._new_files = [n for n in (SPLIT_FILE, LOG_FILE) if not (self.out_dir / n).exists()]
+        self._new_dir = not self.out_dir.exists()
+        if dist_info.is_main:
+            self.lock = OutDirLock(self.out_dir, "--out_dir").acquire()
+        try:
+            if dist_info.is_main:
+                for stale in remove_stale_tmp(self.out_dir):
+                    print(f"note: removed {stale.name}, a temporary file a killed run left in {self.out_dir}")
+                self._claim_out_dir(resume)
+            barrier()
+            self._setup(data_cfg, run_cfg, dist_info, resume, reference)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _setup(self, data_cfg: DataConfig, run_cfg: RunConfig, dist_info: DistInfo, resume: dict | None,
+               reference: dict | None) -> None:
         self.split = resolve_split(self.out_dir, data_cfg, resume, reference, dist_info)
 
         torch.manual_seed(run_cfg.seed)
@@ -285,6 +310,56 @@ class Trainer:
         pairs = datasets.list_pairs(data_cfg.data_name, data_cfg.data_dir, "train", split_file=self.out_dir / SPLIT_FILE)
         self.num_train = len(pairs)
         self.loader = train_loader(pairs, self.image_size, run_cfg, self.step, dist_info)
+
+    # ----- the run folder -------------------------------------------------------------------------------
+    def _claim_out_dir(self, resume: dict | None) -> None:
+        """A run never mixes with another in one --out_dir: checkpoints past the step this run starts at are
+        another run's (or, past a resumed one, a rolled-back future): stop, unless --overwrite True drops them.
+        Unreadable newer checkpoints that resume skipped are set aside as <name>.corrupt."""
+        start = int(resume["step"]) if resume is not None else 0
+        later = [p for p in candidates(self.out_dir) if resume is None or checkpoint_step(p) > start]
+        if resume is not None and self.tc.resume == "auto" and later:
+            for path in later:  # only unreadable ones can be newer than the one auto-resume chose
+                path.rename(path.with_name(path.name + ".corrupt"))
+                print(f"note: set the unreadable {path.name} aside as {path.name}.corrupt", flush=True)
+            later = []
+        if not later:
+            return
+        what = (f"a run up to step {checkpoint_step(later[0])} ({later[0].name})" if resume is None else
+                f"checkpoints after the resumed step {start} (up to {later[0].name})")
+        if not self.tc.overwrite:
+            how = ("--resume auto continues it, " if resume is None else "") + "--overwrite True replaces it"
+            raise ValueError(f"--out_dir {self.out_dir} already holds {what}; {how}, or use another --out_dir")
+        print(f"--overwrite True: removing {what} from {self.out_dir}", flush=True)
+        for path in later:
+            path.unlink()
+        (self.out_dir / LATEST).unlink(missing_ok=True)
+        if resume is None:  # the old run's split, log and TensorBoard events go with it
+            for name in (SPLIT_FILE, LOG_FILE):
+                (self.out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
+            self._new_files = [SPLIT_FILE, LOG_FILE]
+
+    def _abandon(self) -> None:
+        """After a failure that left no checkpoint: remove the split and log this run created (a split left behind
+        would silently fix the next run's split), and the folder if it made it and it is empty; drop the lock."""
+        try:
+            if self.di.is_main and find_latest(self.out_dir) is None:
+                for name in self._new_files:
+                    (self.out_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True) if LOG_FILE in self._new_files else None
+                if self._new_dir and self.out_dir.is_dir():
+                    (self.out_dir / ".lock").unlink(missing_ok=True)
+                    if not any(self.out_dir.iterdir()):
+                        self.out_dir.rmdir()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Drop the --out_dir lock (at the end of run(); also safe to call twice)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ----- what a trainer supplies ------------------------------------------------------------------
     def build_network(self) -> torch.nn.Module:
@@ -328,11 +403,25 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         restore_rng_state(ckpt["rng"])
         self.step, self.train_seconds = int(ckpt["step"]), float(ckpt.get("train_seconds", 0.0))
+        self._apply_optimizer_flags(ckpt)
         was = int(ckpt["config"]["train"].get("batch_size", 0)) * int(ckpt.get("world_size", 1))
         now = self.tc.batch_size * self.di.world_size
         if was != now and self.di.is_main:
             print(f"note: the global batch was {was} before step {self.step} and is {now} now; training goes on, "
                   f"but not as the same data stream an unchanged global batch would give", flush=True)
+
+    def _apply_optimizer_flags(self, ckpt: dict) -> None:
+        """--lr and --weight_decay as given now, not the values the resumed optimizer state carries (the checkpoint
+        records the run's config, so it must be what the optimizer uses)."""
+        wanted = param_groups(self.model, self.tc.weight_decay)
+        changed = set()
+        for group, want in zip(self.opt.param_groups, wanted):
+            for key, value in (("lr", self.tc.lr), ("weight_decay", want["weight_decay"])):
+                if group[key] != value:
+                    changed.add(f"--{key} {group[key]:g} -> {value:g}")
+                    group[key] = value
+        if changed and self.di.is_main:
+            print(f"note: from step {self.step} on, " + ", ".join(sorted(changed)), flush=True)
 
     def payload(self) -> dict:
         """Everything a checkpoint holds (self-describing: sampling needs nothing else)."""
@@ -389,17 +478,43 @@ class Trainer:
         return dict(zip(self.loss_terms, values))
 
     # ----- the loop ----------------------------------------------------------------------------------
-    def _out_of_time(self) -> bool:
-        """--max_minutes spent (all ranks agree: rank 0's clock decides)."""
-        if not self.tc.max_minutes:
-            return False
-        over = torch.tensor([float(self.train_seconds >= 60 * self.tc.max_minutes)], device=self.device)
+    def _should_stop(self) -> tuple[bool, bool]:
+        """(out of --max_minutes, a SIGINT/SIGTERM arrived): rank 0's clock and any rank's signal decide for all."""
+        flags = torch.tensor([float(bool(self.tc.max_minutes) and self.train_seconds >= 60 * self.tc.max_minutes),
+                              float(self._signal is not None)], device=self.device)
         if self.di.distributed:
-            dist.broadcast(over, 0)
-        return bool(over.item())
+            dist.broadcast(flags[:1], 0)
+            dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
+
+    def _catch_signals(self) -> dict:
+        """SIGINT and SIGTERM (Ctrl-C, a cluster's wall-time kill) finish the current step, save a checkpoint and
+        stop; a second signal acts as usual (immediately)."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self._signal = signum
+            for sig, previous in old.items():
+                signal.signal(sig, previous)
+
+        old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in old:
+            signal.signal(sig, handler)
+        return old
 
     def run(self) -> Path | None:
         """Train until --max_steps (or --max_minutes), checkpointing every --save_interval steps and at the end."""
+        try:
+            path = self._run()
+        except BaseException:
+            self._abandon()
+            raise
+        self.release()
+        return path
+
+    def _run(self) -> Path | None:
         tc, main = self.tc, self.di.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -415,70 +530,103 @@ class Trainer:
                       f"already trained {self.train_seconds / 60:.1f} minutes >= --max_minutes {tc.max_minutes}: "
                       f"nothing to do (raise --max_minutes to train on)")
             return find_latest(self.out_dir)
-        logger = RunLogger(self.out_dir, ["step", *self.loss_terms, "lr", "images_per_s", "data_wait"], enabled=main)
+        logger = RunLogger(self.out_dir, ["step", *self.loss_terms, "lr", "images_per_s", "data_wait"], enabled=main,
+                           start_step=self.step)
         timed = bool(tc.max_minutes)  # a time budget: the bar counts training seconds, the steps go in its postfix
         trained_before = self.train_seconds
-        bar = tqdm(total=round(60 * tc.max_minutes) if timed else tc.max_steps,
-                   initial=round(trained_before) if timed else self.step, disable=not main,
-                   desc=f"train {self.kind}", unit="s" if timed else "step", dynamic_ncols=True, mininterval=1.0,
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]" if timed else None)
+        bar = progress.progress(total=round(60 * tc.max_minutes) if timed else tc.max_steps,
+                                initial=round(trained_before) if timed else self.step, disable=not main,
+                                desc=f"train {self.kind}", unit="s" if timed else "step",
+                                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"
+                                if timed else None)
         self.model.train()
         window: list[dict[str, float]] = []
         started = t_last = time.perf_counter()
-        seen, waited, hinted, path = 0, 0.0, False, None
+        seen, waited, hinted, path, speed = 0, 0.0, False, None, ""
+        old_handlers = self._catch_signals()
         batches = iter(self.loader)  # infinite (StepSampler)
         try:
             while True:
                 t0 = time.perf_counter()
-                batch = next(batches)
+                try:
+                    batch = next(batches)
+                except Exception:
+                    if self._signal is None:
+                        raise
+                    batch = None  # the signal also stopped the loader's workers: save what is trained
                 waited += time.perf_counter() - t0  # blocked on the loader: the device had nothing to do
-                window.append(self.train_step(batch))
-                self.train_seconds = trained_before + time.perf_counter() - started
-                seen += batch["mask"].shape[0] * self.di.world_size
-                bar.update(min(round(self.train_seconds), bar.total) - bar.n if timed else 1)
-                bar.set_postfix({"step": self.step, "loss": f"{window[-1]['loss']:.4f}"} if timed else
-                                {"loss": f"{window[-1]['loss']:.4f}"}, refresh=False)
-                last = self.step >= tc.max_steps or self._out_of_time()
-                if self.step % tc.log_interval == 0 or last:
+                if batch is not None:
+                    window.append(self.train_step(batch))
+                    self.train_seconds = trained_before + time.perf_counter() - started
+                    seen += batch["mask"].shape[0] * self.di.world_size
+                    bar.update(min(round(self.train_seconds), bar.total) - bar.n if timed else 1)
+                    bar.set_postfix({"step": self.step, "loss": f"{window[-1]['loss']:.4f}"} if timed else
+                                    {"loss": f"{window[-1]['loss']:.4f}"}, refresh=False)
+                out_of_time, signalled = self._should_stop()
+                last = self.step >= tc.max_steps or out_of_time or signalled
+                if window and (self.step % tc.log_interval == 0 or last):
                     now = time.perf_counter()
                     row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                     row.update(step=self.step, lr=self.opt.param_groups[0]["lr"],
                                images_per_s=seen / max(now - t_last, 1e-9),
                                data_wait=waited / max(now - t_last, 1e-9))
                     logger.log(row)
+                    speed = f"{row['images_per_s']:.1f}"
                     gpu_starved = self.device.type == "cuda" and self.step >= 20 and row["data_wait"] > 0.1
                     if main and gpu_starved and not hinted:
                         hinted = True
-                        tqdm.write(f"note: training waited for data {100 * row['data_wait']:.0f}% of the time "
-                                   f"(--num_workers {tc.num_workers}, --preload {tc.preload}); more workers, or "
-                                   f"--preload True, may help (scripts/benchmark_train.py --data loader_only "
-                                   f"measures what the loader supplies)")
+                        progress.write(f"note: training waited for data {100 * row['data_wait']:.0f}% of the time "
+                                       f"(--num_workers {tc.num_workers}, --preload {tc.preload}); more workers, or "
+                                       f"--preload True, may help (scripts/benchmark_train.py --data loader_only "
+                                       f"measures what the loader supplies)")
                     window, t_last, seen, waited = [], now, 0, 0.0
+                if speed and not progress.is_terminal():
+                    bar.set_postfix({**({"step": self.step} if timed else {}),
+                                     "loss": f"{row['loss']:.4f}", "img/s": speed}, refresh=False)
                 if self.step % tc.save_interval == 0 or last:
                     path = self.save()
                 if last:
                     break
         finally:
+            for sig, previous in old_handlers.items():
+                signal.signal(sig, previous)
             bar.close()
             logger.close()
+        if signalled:
+            name = signal.Signals(self._signal).name if self._signal is not None else "a signal on another rank"
+            raise Interrupted(f"stopped by {name} at step {self.step}; saved {path}; the same command resumes it",
+                              128 + (self._signal or signal.SIGTERM))
         if main:
             why = "" if self.step >= tc.max_steps else f" (--max_minutes {tc.max_minutes} reached)"
             print(f"done: step {self.step}{why}, checkpoint {path}", flush=True)
         return path
 
 
+def _step_of(row: list[str], fields: list[str]) -> float:
+    try:
+        return float(row[fields.index("step")])
+    except (ValueError, IndexError):
+        return math.inf  # a torn last line (a kill mid-write): dropped
+
+
 class RunLogger:
     """CSV log (and TensorBoard when installed) written by the main process only."""
 
-    def __init__(self, out_dir: Path, fields: list[str], enabled: bool = True):
+    def __init__(self, out_dir: Path, fields: list[str], enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         self.path = Path(out_dir) / LOG_FILE
-        if self.path.exists():  # appending on resume: keep the columns the file already has
+        if self.path.exists():  # appending on resume: keep the columns the file already has ...
             with open(self.path, newline="") as fh:
-                fields = next(csv.reader(fh), None) or fields
+                rows = list(csv.reader(fh))
+            fields = rows[0] if rows else fields
+            kept = [r for r in rows[1:] if r and _step_of(r, fields) <= start_step]
+            if len(kept) < len(rows) - 1:  # ... but not the rows of steps this run does again (or another run's)
+                buf = io.StringIO()
+                csv.writer(buf, lineterminator="\n").writerows([fields, *kept])
+                atomic_write(self.path, buf.getvalue())
         new = not self.path.exists() or self.path.stat().st_size == 0
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")

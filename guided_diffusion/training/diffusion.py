@@ -24,8 +24,8 @@ from dataclasses import asdict
 import torch
 
 from guided_diffusion.checkpoint import check_flags
-from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, create_gaussian_diffusion,
-                                     create_model)
+from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, check_attention_resolutions,
+                                     create_gaussian_diffusion, create_model, validate)
 from guided_diffusion.diffusion.gaussian_diffusion import dice_bce_loss
 from guided_diffusion.distributed import DistInfo
 from guided_diffusion.training.core import Trainer, find_resume
@@ -42,6 +42,8 @@ class DiffusionTrainer(Trainer):
         self.mc, self.dc = model_cfg, diff_cfg
         self.image_size = model_cfg.image_size
         train_cfg.validate()
+        validate(model_cfg, diff_cfg)
+        check_attention_resolutions(model_cfg)
         resume = find_resume(train_cfg, self.kind, dist_info)
         if resume is not None:  # a flag that contradicts the run being resumed is an error, never a silent mismatch
             saved = resume["config"]
