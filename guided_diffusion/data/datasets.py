@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,13 +30,17 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from guided_diffusion.data import synthetic
+from guided_diffusion.progress import is_terminal
+from guided_diffusion.progress import progress as progress_bar
 
 DATA_NAMES = ("ISIC", "KVASIR", "FOLDER", "SYNTHETIC")
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # every reader of image folders
 MASK_SUFFIXES = ("_segmentation", "_mask")  # matched case-insensitively: _Segmentation, _Mask too
 IGNORED_SUFFIXES = ("_superpixels",)  # ISIC 2017 ships superpixel maps beside the images
-LOSSLESS_EXTS = (".png", ".bmp", ".tif", ".tiff")
+LOSSLESS_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif")  # mask files whose values are exact (no JPEG noise)
+LABEL_MAX = 31  # a mask whose largest value is 1..LABEL_MAX is a label map ({0,1}, {0,2}, {0,1,2,4}): label > 0
+COLOUR_SPREAD = 64  # an RGB mask whose channels differ by more than this somewhere is coloured (red/blue on black)
 _SHOW = 3  # how many offending files an error message names
 
 
@@ -57,6 +63,29 @@ class Pair:
 def _one_line(text: object) -> str:
     """Collapse an exception text to one line so every DataError stays a one-liner."""
     return " ".join(str(text).split())
+
+
+_NOTED: set = set()
+_NOTE_LOCK = threading.Lock()
+
+
+def _note(key, message: str) -> None:
+    """``message`` on stderr once per process for ``key``, from rank 0 only (in a loader, from its first worker)."""
+    with _NOTE_LOCK:
+        if key in _NOTED:
+            return
+        _NOTED.add(key)
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return
+    worker = torch.utils.data.get_worker_info()
+    if worker is not None and worker.id != 0:
+        return
+    if is_terminal():  # above a live progress bar, not through it
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _examples(names: Iterable[str]) -> str:
@@ -209,11 +238,21 @@ def _read_id_csv(table: Path) -> list[str]:
 
 
 def _csv_pairs(part: _IsicPart) -> list[Pair]:
-    """Pairs listed by an ISIC 2016 CSV; a listed id whose image or mask file is absent is an error."""
+    """Pairs listed by an ISIC 2016 CSV, which defines the official split.
+
+    A listed id whose image or mask file is absent is an error, and so is a CSV that lists nothing (it would
+    silently turn the official split into a seeded one); images in the folder the CSV does not list are left
+    out, with a one-line warning that counts them.
+    """
     images = _index_by_stem(_split_masks(image_files(part.image_dir))[0], part.image_dir)
     masks = {_mask_id(p.stem): p for p in image_files(part.mask_dir) if _mask_id(p.stem)}
+    ids = _read_id_csv(part.csv)
+    if not ids:
+        what = f"the official {part.role} split" if part.role else "the images"
+        raise DataError(f"{part.csv} lists no images, but it defines {what} of {part.image_dir}: restore it from "
+                        "the ISIC archive, or delete it to pair the files in the folder")
     pairs = []
-    for row, sample_id in enumerate(_read_id_csv(part.csv), start=1):
+    for row, sample_id in enumerate(ids, start=1):
         if sample_id not in images:
             missing = part.image_dir / f"{sample_id}.jpg"
             raise DataError(f"{part.csv} row {row} lists {sample_id!r} but its image {missing} is missing")
@@ -221,6 +260,11 @@ def _csv_pairs(part: _IsicPart) -> list[Pair]:
             missing = part.mask_dir / f"{sample_id}_Segmentation.png"
             raise DataError(f"{part.csv} row {row} lists {sample_id!r} but its mask {missing} is missing")
         pairs.append(Pair(sample_id, images[sample_id], masks[sample_id]))
+    others = sorted(set(images) - set(ids))
+    if others:
+        _note(("csv", str(part.csv)),
+              f"warning: {part.csv.name} lists {len(images) - len(others)} of the {len(images)} images in "
+              f"{part.image_dir}; the {len(others)} others are left out ({_examples(others)})")
     return pairs
 
 
@@ -405,7 +449,13 @@ def _open(path: Path, what: str, draft: tuple[int, int] | None = None) -> tuple[
             return (img.copy() if img.mode != "P" else
                     img.convert("RGBA" if "transparency" in img.info else "RGB")), full
     except Exception as exc:  # PIL raises many types for corrupt or truncated files
-        raise DataError(f"cannot read {what} {path}: {_one_line(exc)}") from exc
+        raise _unreadable(path, what, exc) from exc
+
+
+def _unreadable(path: Path, what: str, exc: BaseException) -> DataError:
+    """'<path>: cannot read the <what> (<reason>)', the path first, so it survives any wrapping of the message."""
+    reason = _one_line(exc).replace(f"'{path}'", "").replace(str(path), "").replace("  ", " ").strip(" :")
+    return DataError(f"{path}: cannot read the {what} ({reason or type(exc).__name__})")
 
 
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
@@ -426,18 +476,54 @@ def load_image(path) -> Image.Image:
     return _rgb(_open(Path(path), "image")[0])
 
 
-def load_mask(path, threshold: int = 128) -> np.ndarray:
-    """Boolean HxW mask: grayscale value > ``threshold`` (ISIC scorer rule; robust to JPEG noise).
+def _mask_values(img: Image.Image) -> np.ndarray:
+    """A decoded mask as one uint8 value per pixel.
 
-    A lossless mask whose values are exactly {0, 1} is a label mask and reads as 1 = foreground.
+    8-bit masks: their grayscale (as PIL converts it). Coloured RGB masks (red or blue foreground, whose
+    grayscale would fall below the threshold): their brightest channel. 16-bit / int / float masks: their own
+    values when all fit in 0..255 (label maps, 0/255 or 0/1 floats, rounded), else stretched so their largest
+    value is 255 (a 0/65535 or 0/4095 mask reads as 0/255).
     """
-    path = Path(path)
-    img = _open(path, "mask")[0]
-    gray = _high_depth_to_l(img) if img.mode.startswith(("I", "F")) else img.convert("L")
-    values = np.asarray(gray)
-    if path.suffix.lower() in LOSSLESS_EXTS and values.max(initial=0) == 1:
-        return values == 1
-    return values > threshold
+    if img.mode.startswith(("I", "F")):
+        arr = np.asarray(img).astype(np.float64)
+        top = arr.max(initial=0)
+        if top > 255:
+            arr = arr * (255.0 / top)
+        return np.clip(np.round(arr), 0, 255).astype(np.uint8)
+    if img.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img)[..., :3]
+        brightest = rgb.max(axis=-1)
+        if int((brightest - rgb.min(axis=-1)).max(initial=0)) > COLOUR_SPREAD:
+            return brightest
+    return np.asarray(img.convert("L"))
+
+
+def _read_mask(path: Path, threshold: int = 128) -> tuple[np.ndarray, int]:
+    """``load_mask``'s boolean mask and the largest value of the file (after ``_mask_values``)."""
+    values = _mask_values(_open(path, "mask")[0])
+    top = int(values.max(initial=0))
+    if not 0 < top <= min(LABEL_MAX, threshold):
+        return values > threshold, top
+    if path.suffix.lower() in LOSSLESS_EXTS:
+        _note("label map", f"note: {path} is a label map (largest value {top}): its foreground is label > 0, "
+                           "as for every mask like it (noted once)")
+        return values > 0, top
+    level = int(np.bincount(values.ravel(), minlength=top + 1)[1:].argmax()) + 1  # flat interiors decode exactly
+    _note("lossy label map", f"note: {path} is a label map saved with lossy compression (largest value {top}): its "
+                             f"foreground is value > {level / 2:g}, half its most common non-zero value, as for "
+                             "every mask like it (noted once)")
+    return values > level / 2, top
+
+
+def load_mask(path, threshold: int = 128) -> np.ndarray:
+    """Boolean HxW mask: value > ``threshold`` (ISIC scorer rule; robust to JPEG noise), values as ``_mask_values``.
+
+    A mask whose largest value is 1..LABEL_MAX (and not above ``threshold``) is a label map ({0,1}, {0,2},
+    {0,1,2,4}...), which the threshold would read as empty: lossless files (PNG, TIFF, BMP, GIF) read as
+    label > 0, lossy ones (JPEG, WebP) as value > half the most common non-zero value, robust to compression
+    noise. The first such file is named once on stderr.
+    """
+    return _read_mask(Path(path), threshold)[0]
 
 
 # ------------------------------------------------------------------------------------------- dataset
@@ -486,7 +572,9 @@ class SegmentationDataset(Dataset):
 
     Images are resized with antialiased bilinear interpolation, masks with nearest neighbour (never
     interpolated then thresholded, which dilates thin structures); ``orig_size`` lets predictions go back.
-    ``preload()`` decodes every pair once into reduced in-memory copies, so loader workers only augment.
+    ``preload()`` decodes every pair once into reduced in-memory copies, so loader workers only augment;
+    ``check_masks()`` refuses a set whose masks are all empty. A file that cannot be read is a DataError whose
+    message starts with its path, also from inside a DataLoader worker.
     """
 
     def __init__(self, pairs: list[Pair], image_size: int, augment: bool = False):
@@ -496,6 +584,7 @@ class SegmentationDataset(Dataset):
         self.image_size = int(image_size)
         self.augment = augment
         self._cache: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] | None = None
+        self._mask_info: list[tuple[bool, int]] | None = None  # per pair (has foreground, largest value)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -507,10 +596,22 @@ class SegmentationDataset(Dataset):
         _check_same_size(pair, image.size, mask)
         return image, mask
 
-    def _decode_reduced(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """One pair as a preloaded copy: uint8 image (3,h,w), uint8 mask (1,h,w), original (H, W)."""
+    def _naming_files(self, fn, index: int):
+        """fn(index), where anything but a DataError that goes wrong reading a pair becomes one naming its files."""
+        try:
+            return fn(index)
+        except (DataError, MemoryError):
+            raise
+        except Exception as exc:
+            pair = self.pairs[index]
+            raise DataError(f"{pair.image}: cannot load it with its mask {pair.mask} "
+                            f"({type(exc).__name__}: {_one_line(exc)})") from exc
+
+    def _decode_reduced(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[bool, int]]:
+        """One pair as a preloaded copy: uint8 image (3,h,w), uint8 mask (1,h,w), original (H, W), and the
+        full-size mask's (has foreground, largest value) for ``check_masks``."""
         pair = self.pairs[index]
-        mask = load_mask(pair.mask)
+        mask, top = _read_mask(pair.mask)
         height, width = mask.shape
         h, w = preload_shape(height, width, self.image_size)
         image, full_size = _open(pair.image, "image", draft=(w, h))
@@ -519,7 +620,8 @@ class SegmentationDataset(Dataset):
         if (h, w) != (height, width) or img_t.shape[-2:] != (h, w):
             img_t = TF.resize(img_t, [h, w], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
             mask_t = TF.resize(mask_t, [h, w], interpolation=v2.InterpolationMode.NEAREST_EXACT)
-        return img_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor), (height, width)
+        facts = (bool(mask.any()), top)
+        return img_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor), (height, width), facts
 
     def preload_bytes(self) -> int:
         """RAM the preloaded copies would take, from the files' headers (nothing is decoded)."""
@@ -529,7 +631,7 @@ class SegmentationDataset(Dataset):
                 with Image.open(pair.mask) as img:
                     width, height = img.size
             except Exception as exc:
-                raise DataError(f"cannot read mask {pair.mask}: {_one_line(exc)}") from exc
+                raise _unreadable(pair.mask, "mask", exc) from exc
             h, w = preload_shape(height, width, self.image_size)
             total += 4 * h * w  # 3 image channels + 1 mask channel, uint8
         return total
@@ -539,24 +641,43 @@ class SegmentationDataset(Dataset):
 
         Loader workers forked afterwards share the copies; bad files are reported here, before training.
         """
-        from concurrent.futures import ThreadPoolExecutor
+        decoded = _threaded(lambda i: self._naming_files(self._decode_reduced, i), len(self.pairs), threads,
+                            "preload", progress)
+        self._cache = [item[:3] for item in decoded]
+        self._mask_info = [item[3] for item in decoded]
+        return sum(img.numel() + mask.numel() for img, mask, _ in self._cache)
 
-        from tqdm.auto import tqdm
+    def _mask_facts(self, index: int) -> tuple[bool, int]:
+        mask, top = _read_mask(self.pairs[index].mask)
+        return bool(mask.any()), top
 
-        threads = max(1, threads or available_cpus())
-        with ThreadPoolExecutor(threads) as pool:
-            jobs = pool.map(self._decode_reduced, range(len(self.pairs)))
-            cache = list(tqdm(jobs, total=len(self.pairs), desc="preload", unit="img", disable=not progress,
-                              dynamic_ncols=True))
-        self._cache = cache
-        return sum(img.numel() + mask.numel() for img, mask, _ in cache)
+    def check_masks(self, threads: int | None = None, progress: bool = True, log=print, what: str = "training") -> int:
+        """The number of empty masks (said once through ``log``); every mask empty is a DataError naming the folder.
+
+        Uses what ``preload()`` saw, else reads every mask once (threads in parallel).
+        """
+        info = self._mask_info
+        if info is None:
+            info = _threaded(self._mask_facts, len(self.pairs), threads, "check masks", progress)
+        empty = [pair for pair, (nonempty, _) in zip(self.pairs, info) if not nonempty]
+        if self.pairs and len(empty) == len(self.pairs):
+            folders = _examples({str(pair.mask.parent) for pair in self.pairs})
+            top = max(t for _, t in info)
+            why = ("every pixel is 0" if top == 0 else
+                   f"no value above 128, and their largest, {top}, is too large for a label map")
+            raise DataError(f"all {len(empty)} {what} masks in {folders} are empty ({why}): nothing to learn; "
+                            f"foreground must be > 128 (0/255 masks) or a label 1..{LABEL_MAX} (label maps)")
+        if empty:
+            log(f"note: {len(empty)} of {len(self.pairs)} {what} masks are empty (no foreground): "
+                f"{_examples(pair.mask.name for pair in empty)}")
+        return len(empty)
 
     def __getitem__(self, index: int) -> dict:
         if self._cache is not None:
             img, mask, (height, width) = self._cache[index]
             img_t, mask_t = tv_tensors.Image(img), tv_tensors.Mask(mask)
         else:
-            image, mask = self.load(index)
+            image, mask = self._naming_files(self.load, index)
             height, width = mask.shape
             img_t, mask_t = _to_tensors(image, mask)
         size = [self.image_size, self.image_size]
@@ -578,6 +699,15 @@ def _check_same_size(pair: Pair, image_size: tuple[int, int], mask: np.ndarray) 
     if (image_size[1], image_size[0]) != mask.shape:
         raise DataError(f"image {pair.image} is {image_size[0]}x{image_size[1]} "
                         f"but mask {pair.mask} is {mask.shape[1]}x{mask.shape[0]}")
+
+
+def _threaded(fn, count: int, threads: int | None, desc: str, progress: bool) -> list:
+    """[fn(0), ..., fn(count - 1)] on a thread pool (decoding releases the GIL), with a progress bar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, threads or available_cpus())) as pool:
+        return list(progress_bar(pool.map(fn, range(count)), total=count, desc=desc, unit="img",
+                                 disable=not progress))
 
 
 def available_cpus() -> int:
@@ -602,20 +732,25 @@ def _size_text(nbytes: float) -> str:
 
 
 def maybe_preload(dataset: SegmentationDataset, mode, log=print, progress: bool = True) -> bool:
-    """--preload auto|True|False for a training set: preload it (auto: when the copies fit PRELOAD_AUTO_GIB)."""
+    """--preload auto|True|False for a training set: preload it (auto: when the copies fit PRELOAD_AUTO_GIB).
+
+    Either way the masks are checked before training (``check_masks``): all empty is a DataError, some
+    empty is one note through ``log``.
+    """
     choice = preload_choice(mode)
-    if choice == "false":
-        return False
+    preload = choice != "false"
     need = dataset.preload_bytes() if choice == "auto" else 0  # True: no estimate needed
     if need > PRELOAD_AUTO_GIB * 2 ** 30:
         log(f"not preloading the {len(dataset)} training images: their copies would take {_size_text(need)} "
             f"(> {PRELOAD_AUTO_GIB:g} GiB per process); --preload True forces it")
-        return False
-    start = time.perf_counter()
-    held = dataset.preload(progress=progress)
-    log(f"preloaded {len(dataset)} training pairs in {time.perf_counter() - start:.1f} s: {_size_text(held)} in RAM "
-        f"(short side at most {PRELOAD_SCALE * dataset.image_size} px)")
-    return True
+        preload = False
+    if preload:
+        start = time.perf_counter()
+        held = dataset.preload(progress=progress)
+        log(f"preloaded {len(dataset)} training pairs in {time.perf_counter() - start:.1f} s: {_size_text(held)} "
+            f"in RAM (short side at most {PRELOAD_SCALE * dataset.image_size} px)")
+    dataset.check_masks(progress=progress, log=log)
+    return preload
 
 
 # ----------------------------------------------------------------------------------------- synthetic

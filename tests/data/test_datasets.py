@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -493,7 +494,7 @@ def test_preload_reports_bad_files_before_training(tmp_path):
     with pytest.raises(DataError, match=r"images[/\\]b\.png is 12x10 but mask .*b\.png is 4x4"):
         ds.preload(progress=False)
     (tmp_path / "images" / "a.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"cannot read image .*a\.png"):
+    with pytest.raises(DataError, match=r"images[/\\]a\.png: cannot read the image \(cannot identify image file\)"):
         D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0][:1], 8).preload(progress=False)
 
 
@@ -520,3 +521,170 @@ def test_available_cpus_is_shared_by_the_local_processes(monkeypatch):
     alone = D.available_cpus()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert D.available_cpus() == max(1, alone // 2)
+
+
+# ------------------------------------------------------------------- issue 14: masks read as empty
+@pytest.fixture
+def fresh_notes(monkeypatch):
+    """Forget the once-per-process notes, so a test sees its own."""
+    monkeypatch.setattr(D, "_NOTED", set(), raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+
+
+def square32() -> np.ndarray:
+    """A 32x32 mask with a 16x16 square on the JPEG 8x8 grid."""
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[8:24, 8:24] = True
+    return mask
+
+
+def _save(path: Path, arr: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, **kw)
+    return path
+
+
+_SQ = square32()
+_LABEL_FILES = {  # name -> what is written; every one must read as the square
+    "01.png": _SQ.astype(np.uint8),
+    "02.png": _SQ.astype(np.uint8) * 2,
+    "0124.png": np.where(_SQ, np.array([1, 2, 4] * 11, dtype=np.uint8)[None, :32], 0).astype(np.uint8),
+    "01.jpg": _SQ.astype(np.uint8),
+    "02.jpg": _SQ.astype(np.uint8) * 2,
+    "01_16bit.png": _SQ.astype(np.uint16),
+    "0255_16bit.png": _SQ.astype(np.uint16) * 255,
+    "0_65535_16bit.png": _SQ.astype(np.uint16) * 65535,
+    "0_4095_12bit.png": _SQ.astype(np.uint16) * 4095,
+    "01_float.tif": _SQ.astype(np.float32),
+    "red.png": np.stack([_SQ * 255, 0 * _SQ, 0 * _SQ], -1).astype(np.uint8),
+    "blue.png": np.stack([0 * _SQ, 0 * _SQ, _SQ * 255], -1).astype(np.uint8),
+    "white_rgb.png": np.stack([_SQ * 255] * 3, -1).astype(np.uint8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LABEL_FILES))
+def test_label_map_deep_and_coloured_masks_read_their_foreground(tmp_path, fresh_notes, name):
+    path = _save(tmp_path / name, _LABEL_FILES[name], **({"quality": 75} if name.endswith(".jpg") else {}))
+    mask = D.load_mask(path)
+    assert mask.dtype == bool and mask.shape == (32, 32)
+    assert (mask != _SQ).mean() < 0.02 if name.endswith(".jpg") else np.array_equal(mask, _SQ)
+
+
+def test_label_maps_are_noted_once_naming_the_first_file(tmp_path, fresh_notes, capsys):
+    for k in range(3):
+        _save(tmp_path / f"m{k}.png", _SQ.astype(np.uint8) * 2)
+    assert all(D.load_mask(tmp_path / f"m{k}.png").sum() == 256 for k in range(3))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(tmp_path / "m0.png") in err[0] and "label map" in err[0] and "label > 0" in err[0]
+
+
+def test_0_255_masks_read_as_before_without_a_note(tmp_path, fresh_notes, capsys):
+    arr = np.array([[0, 1, 31, 128, 129, 255]], dtype=np.uint8)  # largest 255: the > 128 rule, not a label map
+    assert D.load_mask(_save(tmp_path / "m.png", arr)).tolist() == [[False] * 4 + [True] * 2]
+    assert D.load_mask(_save(tmp_path / "gray.png", _SQ.astype(np.uint8) * 255)).sum() == 256
+    assert D.load_mask(_save(tmp_path / "dark.png", _SQ.astype(np.uint8) * 100)).sum() == 0  # not a label map
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("preload", ["auto", "False"])
+def test_all_empty_training_masks_stop_before_training(tmp_path, fresh_notes, preload):
+    make_folder(tmp_path, ["a", "b", "c"])
+    for stem in "abc":
+        write_mask(tmp_path / "masks" / f"{stem}.png", np.zeros((10, 12), dtype=bool))
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8)
+    with pytest.raises(DataError) as exc:
+        D.maybe_preload(ds, preload, log=lambda _: None, progress=False)
+    text = error_text(exc)
+    assert text.startswith(f"all 3 training masks in {tmp_path / 'masks'} are empty (every pixel is 0)")
+    for stem in "abc":  # 0/100: no pixel above 128 and too bright for a label map
+        _save(tmp_path / "masks" / f"{stem}.png", blob().astype(np.uint8) * 100)
+    with pytest.raises(DataError, match="largest, 100, is too large for a label map"):
+        D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8).check_masks(progress=False)
+
+
+def test_some_empty_masks_are_counted_once(tmp_path, fresh_notes):
+    make_folder(tmp_path, ["a", "b", "c"])
+    write_mask(tmp_path / "masks" / "b.png", np.zeros((10, 12), dtype=bool))
+    said = []
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8)
+    assert not D.maybe_preload(ds, "False", log=said.append, progress=False)
+    assert said == ["note: 1 of 3 training masks are empty (no foreground): b.png"]
+    said.clear()
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8)
+    assert D.maybe_preload(ds, "True", log=said.append, progress=False)
+    assert said[-1] == "note: 1 of 3 training masks are empty (no foreground): b.png" and len(said) == 2
+
+
+def test_check_masks_after_preload_reads_nothing_again(tmp_path, monkeypatch):
+    make_folder(tmp_path, ["a", "b"])
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8)
+    ds.preload(threads=1, progress=False)
+    monkeypatch.setattr(D, "_read_mask", lambda *a, **k: pytest.fail("mask read twice"))
+    assert ds.check_masks(progress=False) == 0
+
+
+# ------------------------------------------------------------------- issue 14: ISIC 2016 CSVs
+def test_isic2016_empty_test_csv_is_an_error_not_a_seeded_split(tmp_path):
+    root = make_isic2016(tmp_path)
+    table = root / "ISBI2016_ISIC_Part3B_Test_GroundTruth.csv"
+    table.write_text("\n")
+    with pytest.raises(DataError) as exc:
+        D.resolve_split("ISIC", root)
+    assert error_text(exc).startswith(f"{table} lists no images, but it defines the official test split of ")
+
+
+def test_isic2016_csv_listing_some_images_warns_once(tmp_path, fresh_notes, capsys):
+    test_ids = [f"ISIC_00001{k:02d}" for k in range(8)]
+    root = make_isic2016(tmp_path, test=test_ids)
+    (root / "ISBI2016_ISIC_Part3B_Test_GroundTruth.csv").write_text("ISIC_0000100,benign\nISIC_0000101,malignant\n")
+    assert D.resolve_split("ISIC", root)["test"] == test_ids[:2]  # the official CSV defines the split
+    D.list_pairs("ISIC", root, "test")
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: ISBI2016_ISIC_Part3B_Test_GroundTruth.csv lists 2 of the 8 images in "
+                   f"{root / 'ISBI2016_ISIC_Part3B_Test_Data'}; the 6 others are left out "
+                   "(ISIC_0000102, ISIC_0000103, ISIC_0000104 and 3 more)"]
+
+
+# ------------------------------------------------------------------- issue 14: corrupt files in workers
+@pytest.mark.parametrize("which", ["images", "masks"])
+def test_corrupt_file_in_a_loader_worker_names_the_file(tmp_path, which):
+    from torch.utils.data import DataLoader
+
+    make_folder(tmp_path, ["a", "b"])
+    bad = tmp_path / which / "b.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # a download cut short
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8)
+    batches = iter(DataLoader(ds, batch_size=1, num_workers=1))
+    try:
+        with pytest.raises(DataError) as exc:
+            list(batches)
+    finally:
+        batches._shutdown_workers()  # now, not when a later test's garbage collection finds it
+    what = "image" if which == "images" else "mask"
+    own = str(exc.value).splitlines()[-1]  # torch's "Caught DataError in DataLoader worker ..." ends with it
+    assert re.fullmatch(rf"guided_diffusion\.data\.datasets\.DataError: {re.escape(str(bad))}: "
+                        rf"cannot read the {what} \(\S.*\)", own), own
+    with pytest.raises(DataError) as exc:  # in this process: the same message, one line, the path first
+        ds[1]
+    assert own.endswith(f"DataError: {error_text(exc)}")
+
+
+def test_unexpected_failure_reading_a_pair_names_its_files(tmp_path, monkeypatch):
+    make_folder(tmp_path, ["a"])
+    monkeypatch.setattr(D, "load_image", lambda path: (_ for _ in ()).throw(RuntimeError("boom\nmore")))
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8)
+    with pytest.raises(DataError) as exc:
+        ds[0]
+    assert error_text(exc) == (f"{tmp_path / 'images' / 'a.png'}: cannot load it with its mask "
+                               f"{tmp_path / 'masks' / 'a.png'} (RuntimeError: boom more)")
+
+
+# ------------------------------------------------------------------- issue 14: preload progress
+def test_preload_progress_is_plain_lines_off_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SEG_PROGRESS_SECONDS", raising=False)  # one line at the end, none in between
+    make_folder(tmp_path, ["a", "b", "c"])
+    ds = D.SegmentationDataset(D.find_pairs("FOLDER", tmp_path)[0], 8)
+    ds.preload(threads=1, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.startswith("preload: 3/3 img (100%), elapsed ")
+    assert len(err.splitlines()) == 1
