@@ -116,6 +116,6 @@ def write(message: str) -> None:
     if is_terminal():
         from tqdm.auto import tqdm
 
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr)
     else:
         print(message, file=sys.stderr, flush=True)
