@@ -5,7 +5,9 @@ A training run (`--out_dir` of the trainers):
     split.json        the train/val/test ids              log.csv    the training log
 A prediction folder (`--out_dir` of segmentation_sample.py; the contract of the README's "Sample" section):
     <id>.png  prob/<id>.png  uncertainty/<id>.png  overlays/<id>.png  manifest.csv  split.json
-and, when a report scored it, eval/ with evaluation.csv, evaluation.json and the split scored.
+    sampling.json (the settings its masks were sampled with)  .lock (held while a run writes the folder)
+and, when a report scored it, eval/ with evaluation.csv, evaluation.json and the split scored (segmentation_env.py
+writes evaluation.csv and evaluation.json at the top level by default).
 A quickstart folder: model/ (a training run), samples/<row>/ (prediction folders), report.md and figures.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ LATEST = "latest"
 CHECKPOINT_GLOB = "model_*.pt"
 
 MANIFEST = "manifest.csv"
+SAMPLING_SETTINGS = "sampling.json"  # no digits, no image suffix: the ISIC scorer ignores it
 PROB_DIR, UNCERTAINTY_DIR, OVERLAY_DIR = "prob", "uncertainty", "overlays"
 EVAL_DIR = "eval"
 EVAL_CSV, EVAL_JSON = "evaluation.csv", "evaluation.json"

@@ -6,9 +6,15 @@ The checkpoint is the single source of the model, the diffusion schedule, the da
 sampling flags that contradict it are an error. A strategy (samplers.Strategy) turns images into ensemble
 members: a plain sampler from pure noise (samplers.FromNoise) or ADDPM's truncated process (addpm.AddpmSampler).
 The folder's layout is the README's "Sample" section (layout.py, outputs.PredictionWriter).
+
+One folder holds the masks of one set of settings (sampling.json: the model's weights, the sampler and every flag
+that changes a mask): a rerun with the same settings continues where the last one stopped, a run with other
+settings stops before writing anything, and `--overwrite True` clears the folder first. Rank 0 holds the folder's
+lock (fileio.OutDirLock) for the whole run, and a run that fails before writing any mask removes what it created.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,26 +22,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from guided_diffusion.sampling import addpm
 from guided_diffusion.data import datasets
-from guided_diffusion import distributed
+from guided_diffusion import distributed, fileio
+from guided_diffusion.progress import progress
 from guided_diffusion.checkpoint import (DESCRIBE, DIFFUSION, TRAIN_SCRIPT, CheckpointError, check_flags,
                                          checkpoint_kind, load_checkpoint)
 from guided_diffusion.network.aux_nets import PRESEG, AuxNetConfig, aux_from_checkpoint
-from guided_diffusion.layout import SPLIT_FILE
+from guided_diffusion.layout import SAMPLING_SETTINGS, SPLIT_FILE
 from guided_diffusion.sampling.ensemble import FUSIONS, UNCERTAINTIES, fuse, uncertainty
 from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.sampling import outputs
 from guided_diffusion.sampling.outputs import PredictionWriter
-from guided_diffusion.sampling.samplers import SAMPLERS, FromNoise, OnePass, SamplerSpec, Strategy, image_seed
+from guided_diffusion.sampling.samplers import (SAMPLERS, SOLVER_ALGORITHMS, FromNoise, OnePass, SamplerSpec, Strategy,
+                                                image_seed)
 from guided_diffusion.config import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
 
 
 @dataclass
 class SampleConfig:
     """Flags of segmentation_sample.py that are not model or diffusion settings."""
-    model_path: str = field(default="", metadata={"help": "checkpoint file, or a run folder (its latest)"})
+    model_path: str = field(default="", metadata={"help": "checkpoint file, or a run folder (its latest); required"})
     out_dir: str = field(default="runs/samples", metadata={"help": "prediction folder"})
     data_name: str = field(default="", metadata={"help": "data set (default: the checkpoint's)"})
     data_dir: str = field(default="", metadata={"help": "data root (default: the checkpoint's)"})
@@ -51,15 +59,15 @@ class SampleConfig:
     order: int = field(default=2, metadata={"help": "DPM-Solver order (1, 2, 3; sde-dpm_solver++: 1, 2)"})
     skip_type: str = field(default="time_uniform", metadata={"help": "time_uniform, logSNR or time_quadratic"})
     method: str = field(default="multistep", metadata={"help": "multistep, singlestep or singlestep_fixed"})
-    eta: float = field(default=0.0, metadata={"help": "DDIM noise (0: deterministic)"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM noise (default 0: deterministic)"})
     td: float = field(default=0.0, metadata={"help": "DDIM's asymmetric time difference in steps (Pix2Seq-D's td; "
-                                                     "0: off)"})
+                                                     "default 0: off)"})
     pre_t: int = field(default=0, metadata={"help": "addpm: the chain starts at x_{pre_t}, the pre-segmentation "
-                                                    "noised to level pre_t (DDPM's 1-based t in 1..T; 0: "
-                                                    "3T/10, the seed's 300 of 1000)"})
+                                                    "noised to level pre_t (DDPM's 1-based t in 1..T; "
+                                                    "default 0: 3T/10, the seed's 300 of 1000)"})
     stop_t: int = field(default=-1, metadata={"help": "addpm: the chain stops at x_{stop_t}, 0 <= stop_t < pre_t, "
                                                       "and the denoiser finishes (0: down to x_0, no denoiser; "
-                                                      "-1: T/4, the seed's 250 of 1000)"})
+                                                      "default -1: T/4, the seed's 250 of 1000)"})
     addpm_inner: str = field(default="", metadata={"help": "addpm: the chain's sampler, ddpm, ddim, dpm_solver, "
                                                            "dpm_solver++ or sde-dpm_solver++ (default: ddpm, or "
                                                            "dpm_solver++ with --dpm_solver True)"})
@@ -76,15 +84,20 @@ class SampleConfig:
     fusion: str = field(default="mean", metadata={"help": "mean, vote or staple"})
     uncertainty: str = field(default="std", metadata={"help": "std or entropy"})
     save_overlays: bool = field(default=False, metadata={"help": "also write overlays/<id>.png"})
-    overwrite: bool = field(default=False, metadata={"help": "resample images already in --out_dir"})
-    max_images: int = field(default=0, metadata={"help": "sample only the first N images of the split (0: all)"})
+    overwrite: bool = field(default=False, metadata={"help": "remove the earlier outputs in --out_dir (masks, prob/, "
+                                                           "uncertainty/, overlays/, manifest, settings, eval/) and "
+                                                           "sample afresh; without it a rerun with the same settings "
+                                                           "continues where the last one stopped, and one with other "
+                                                           "settings stops"})
+    max_images: int = field(default=0, metadata={"help": "sample only the first N images of the split "
+                                                         "(default 0: all)"})
     seed: int = field(default=0, metadata={"help": "random seed (per image, so results do not depend on batching)"})
     use_ema: bool = field(default=True, metadata={"help": "sample with the EMA weights"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA), none or bf16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the network (the first batch compiles)"})
     channels_last: bool = field(default=False, metadata={"help": "NHWC memory layout for the convolutions"})
     warmup: int = field(default=-1, metadata={"help": "batches sampled once untimed before the first timed one "
-                                                      "(-1: 1 on CUDA, 0 elsewhere); masks are unchanged"})
+                                                      "(default -1: 1 on CUDA, 0 elsewhere); masks are unchanged"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     num_workers: int = field(default=2, metadata={"help": "data-loading workers"})
 
@@ -216,15 +229,92 @@ def _validate(cfg: SampleConfig) -> None:
         raise ValueError(f"--uncertainty must be one of {', '.join(UNCERTAINTIES)}, got {cfg.uncertainty!r}")
     if cfg.split not in ("train", "val", "test", "all"):
         raise ValueError(f"--split must be train, val, test or all, got {cfg.split!r}")
+    if cfg.max_images < 0:
+        raise ValueError(f"--max_images must be >= 0 (0: all), got {cfg.max_images}")
+
+
+def amp_mode(flag: str, device: torch.device) -> str:
+    """What --amp means on this device: 'bf16' (auto on CUDA with bf16, or asked for) or 'fp32'."""
+    if flag not in ("auto", "none", "bf16"):
+        raise ValueError(f"--amp must be auto, none or bf16, got {flag!r}")
+    if flag == "bf16" or (flag == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return "bf16"
+    return "fp32"
 
 
 def sampling_autocast(flag: str, device: torch.device):
     """bf16 autocast on CUDA (auto/bf16); fp32 on CPU unless bf16 is asked for."""
-    if flag not in ("auto", "none", "bf16"):
-        raise ValueError(f"--amp must be auto, none or bf16, got {flag!r}")
-    if flag == "bf16" or (flag == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if amp_mode(flag, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+# ----- what the prediction folder records (sampling.json) ----------------------------------------------------
+def weights_digest(ckpt: dict) -> str:
+    """A short fingerprint of a checkpoint's weights (raw and EMA): the same checkpoint moved or copied gives the
+    same one, another step or another run a different one."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in ("model", "ema"):
+        for name, tensor in sorted((ckpt.get(part) or {}).items()):
+            h.update(f"{part}.{name}".encode())
+            h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def network_record(ckpt: dict) -> dict:
+    """A checkpoint as sampling.json names it: file, path, step, and its weights' fingerprint."""
+    path = Path(ckpt["path"])
+    return {"file": path.name, "path": str(path.resolve()), "step": ckpt.get("step"), "weights": weights_digest(ckpt)}
+
+
+def folder_settings(cfg: SampleConfig, lm: LoadedModel, strategy: Strategy, data_name: str, data_dir: str,
+                    device: torch.device) -> dict:
+    """Everything that makes a folder's masks what they are: the model (by its weights), ADDPM's networks, and
+    every flag that changes a mask (batching, workers, speed flags and --max_images do not)."""
+    settings: dict = {}
+    spec = strategy.spec if isinstance(strategy, FromNoise) else getattr(strategy, "chain", None)
+    if isinstance(strategy, addpm.AddpmSampler):
+        settings.update(sampler=addpm.ADDPM, addpm_inner=spec.sampler, pre_t=spec.t_start, stop_t=spec.t_end,
+                        preseg=strategy.preseg.label if strategy.preseg.label == addpm.HEAD else "network",
+                        preseg_soft=strategy.soft_preseg)
+    elif spec is not None:
+        settings["sampler"] = spec.sampler
+    if spec is not None:
+        settings["steps"] = spec.steps
+        if spec.sampler in SOLVER_ALGORITHMS:
+            settings.update(order=spec.order, skip_type=spec.skip_type, method=spec.method)
+        if spec.sampler == "ddim":
+            settings.update(eta=spec.eta, td=spec.td)
+    settings.update(num_ensemble=cfg.num_ensemble, fusion=cfg.fusion, uncertainty=cfg.uncertainty, seed=cfg.seed,
+                    use_ema=cfg.use_ema, amp=amp_mode(cfg.amp, device), data_name=data_name,
+                    data_dir=str(Path(data_dir).resolve()))
+    networks = {}
+    for aux in getattr(strategy, "aux", []):
+        flag = "preseg_path" if checkpoint_kind(aux.ckpt) == PRESEG else "denoiser_path"
+        networks[flag] = network_record(aux.ckpt)
+    return {"model": network_record(lm.ckpt), "networks": networks, "settings": settings}
+
+
+def prepare_folder(out_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Make out_dir ready for masks of `settings` (rank 0, holding the folder's lock): with --overwrite True clear
+    the earlier outputs; else masks made with other settings (or with none recorded) are an error, raised before
+    anything is written. Then record the settings."""
+    if overwrite:
+        removed = outputs.clear_prediction_folder(out_dir)
+        if removed:
+            print(f"--overwrite True: removed the earlier outputs in {out_dir} ({len(removed)} files and folders)",
+                  flush=True)
+    else:
+        masks = outputs.top_level_images(out_dir)
+        old = outputs.read_settings(out_dir)
+        if masks and old is None:
+            raise ValueError(f"--out_dir {out_dir} holds {len(masks)} image files but no {SAMPLING_SETTINGS} saying "
+                             f"how they were made (an older run's masks, or not a prediction folder); use --overwrite "
+                             f"True to replace them, or another --out_dir")
+        conflict = outputs.settings_conflict(out_dir, old, settings) if masks else None
+        if conflict:
+            raise ValueError(conflict)
+    outputs.write_settings(out_dir, settings)
 
 
 class BatchTimer:
@@ -272,7 +362,8 @@ class SamplingSummary:
 
 @dataclass
 class SamplingJob:
-    """A prepared run: the model, the strategy, this rank's images still to do, and where they go."""
+    """A prepared run: the model, the strategy, this rank's images still to do, and where they go; rank 0 also
+    holds the folder's lock and knows what this run created in it."""
     cfg: SampleConfig
     lm: LoadedModel
     strategy: Strategy
@@ -281,37 +372,72 @@ class SamplingJob:
     writer: PredictionWriter
     device: torch.device
     rank: int = 0
+    lock: fileio.OutDirLock | None = None
+    created: outputs.NewFiles | None = None
+
+    def finish(self, failed: bool) -> None:
+        """Write the manifest and release the folder; after a failure before any mask was written, remove the
+        files this run created (a new folder goes again)."""
+        try:
+            self.writer.close()
+        finally:
+            _release(self.lock, self.created if failed and not self.writer.written else None)
+
+
+def _release(lock: fileio.OutDirLock | None, undo: outputs.NewFiles | None) -> None:
+    """Undo what a failed run created (while still holding the lock), then release the lock."""
+    try:
+        if undo is not None:
+            undo.undo()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def prepare(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: int = 0,
             world_size: int = 1) -> SamplingJob:
-    """Check the flags, load the model and the strategy, write the split, list this rank's images to do."""
+    """Check the flags, lock the folder, load the model and the strategy, check the folder's settings (or clear it
+    with --overwrite), write the split, list this rank's images to do."""
     _validate(cfg)
-    lm = load_model(cfg.model_path, device, cfg.use_ema, cfg.compile, cfg.channels_last)
-    check_flags_against_checkpoint(model_flags, lm.ckpt, cfg.dpm_solver)
-    strategy = build_strategy(cfg, lm, model_flags, device)
-    data = lm.ckpt["config"]["data"]
-    data_name, data_dir = cfg.data_name or data["data_name"], cfg.data_dir or data["data_dir"]
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    split_path = out_dir / SPLIT_FILE
+    lock = created = None
     if rank == 0:
-        split = lm.ckpt.get("split")
-        if data_name == data["data_name"] and split:
-            datasets.save_split(split, split_path)  # the training run's split: no test image was trained on
-        else:
-            datasets.save_split(datasets.resolve_split(data_name, data_dir, seed=data.get("split_seed", 0)),
-                                split_path)
-    distributed.barrier()
-    pairs = datasets.list_pairs(data_name, data_dir, cfg.split, split_file=split_path)
-    if cfg.max_images:
-        pairs = pairs[:cfg.max_images]
-    if rank == 0:
-        strategy.warn_if_trained_on([p.id for p in pairs])
-    pairs = pairs[rank::world_size]
-    writer = PredictionWriter(out_dir, save_overlays=cfg.save_overlays, overwrite=cfg.overwrite)
-    todo = [i for i, p in enumerate(pairs) if not writer.done(p.id)]
-    return SamplingJob(cfg, lm, strategy, pairs, todo, writer, device, rank)
+        created = outputs.NewFiles(out_dir)
+        lock = fileio.OutDirLock(out_dir, "--out_dir").acquire()  # a second run into out_dir stops here
+    try:
+        if rank == 0:
+            fileio.remove_stale_tmp(out_dir, recursive=True)  # what a killed writer left; no live one can own it
+        lm = load_model(cfg.model_path, device, cfg.use_ema, cfg.compile, cfg.channels_last)
+        if rank == 0:
+            step = lm.ckpt.get("step")
+            print(f"model: {lm.ckpt['path']} (step {'?' if step is None else step}, "
+                  f"{'EMA' if cfg.use_ema else 'raw'} weights)", flush=True)
+        check_flags_against_checkpoint(model_flags, lm.ckpt, cfg.dpm_solver)
+        strategy = build_strategy(cfg, lm, model_flags, device)
+        data = lm.ckpt["config"]["data"]
+        data_name, data_dir = cfg.data_name or data["data_name"], cfg.data_dir or data["data_dir"]
+        split_path = out_dir / SPLIT_FILE
+        if rank == 0:
+            prepare_folder(out_dir, folder_settings(cfg, lm, strategy, data_name, data_dir, device), cfg.overwrite)
+            split = lm.ckpt.get("split")
+            if data_name == data["data_name"] and split:
+                datasets.save_split(split, split_path)  # the training run's split: no test image was trained on
+            else:
+                datasets.save_split(datasets.resolve_split(data_name, data_dir, seed=data.get("split_seed", 0)),
+                                    split_path)
+        distributed.barrier()
+        pairs = datasets.list_pairs(data_name, data_dir, cfg.split, split_file=split_path)
+        if cfg.max_images:
+            pairs = pairs[:cfg.max_images]
+        if rank == 0:
+            strategy.warn_if_trained_on([p.id for p in pairs])
+        pairs = pairs[rank::world_size]
+        writer = PredictionWriter(out_dir, save_overlays=cfg.save_overlays, overwrite=cfg.overwrite)
+        todo = [i for i, p in enumerate(pairs) if not writer.done(p.id)]
+    except BaseException:
+        _release(lock, created)
+        raise
+    return SamplingJob(cfg, lm, strategy, pairs, todo, writer, device, rank, lock, created)
 
 
 def run(job: SamplingJob) -> SamplingSummary:
@@ -326,11 +452,12 @@ def run(job: SamplingJob) -> SamplingSummary:
     warmup = cfg.warmup if cfg.warmup >= 0 else int(device.type == "cuda")
     total_s, nfe, nfe_parts = 0.0, 0, {}
     main = job.rank == 0
-    bar = tqdm(total=len(job.todo), desc=f"sample {strategy.label}-{strategy.steps}", unit="img",
-               disable=not main, dynamic_ncols=True)
     if main and len(job.todo) < len(job.pairs):
-        print(f"{len(job.pairs) - len(job.todo)} of {len(job.pairs)} images already in {cfg.out_dir}: skipped "
-              f"(--overwrite True to resample them)", flush=True)
+        print(f"{len(job.pairs) - len(job.todo)} of {len(job.pairs)} images already in {cfg.out_dir} with these "
+              f"settings: skipped (--overwrite True to sample afresh)", flush=True)
+    bar = progress(total=len(job.todo), desc=f"sample {strategy.label}-{strategy.steps}", unit="img",
+                   disable=not main)
+    failed = True
     try:
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
@@ -360,9 +487,10 @@ def run(job: SamplingJob) -> SamplingSummary:
                                          **{f"nfe_{part}": n for part, n in nfe_parts.items()},
                                          "seconds": round(per_image, 4)})
             bar.update(len(ids))
+        failed = False
     finally:
         bar.close()
-        job.writer.close()
+        job.finish(failed)
     # under torchrun: the totals over every rank's shard (each rank timed its own images)
     done, skipped, total_s = distributed.all_reduce_sum([len(job.todo), len(job.pairs) - len(job.todo), total_s],
                                                         device)

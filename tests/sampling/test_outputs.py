@@ -188,8 +188,8 @@ def test_manifest_merges_across_sessions(tmp_path):
     assert temp_files(tmp_path) == []
 
 
-def test_manifest_is_flushed_during_a_run(tmp_path):
-    with PredictionWriter(tmp_path, flush_every_s=0.0) as w:
+def test_manifest_row_is_on_disk_as_soon_as_its_mask(tmp_path):
+    with PredictionWriter(tmp_path) as w:
         w.write("a", blob(), torch.zeros(32, 32), (32, 32), record=record("a"))
         rows, _ = read_manifest(tmp_path / "manifest.csv")  # a crash now would keep this row
         assert set(rows) == {"a"}
@@ -226,7 +226,7 @@ def test_writers_sharing_a_folder_keep_each_others_rows(tmp_path):
 def test_concurrent_flushes_lose_no_rows(tmp_path):
     import threading
 
-    writers = [PredictionWriter(tmp_path, flush_every_s=0.0) for _ in range(4)]
+    writers = [PredictionWriter(tmp_path) for _ in range(4)]
 
     def run(rank):
         for k in range(5):
@@ -242,3 +242,70 @@ def test_concurrent_flushes_lose_no_rows(tmp_path):
     rows, _ = read_manifest(tmp_path / "manifest.csv")
     assert set(rows) == {f"r{r}_{k}" for r in range(4) for k in range(5)}
     assert temp_files(tmp_path) == []
+
+
+def test_a_mask_whose_row_never_reached_the_manifest_is_sampled_again(tmp_path, monkeypatch):
+    w = PredictionWriter(tmp_path)
+    w.write("a", blob(), torch.zeros(32, 32), (32, 32), record=record("a"))
+    monkeypatch.setattr(PredictionWriter, "_append", lambda self, row: None)  # killed between b's mask and its row
+    w.write("b", blob(), torch.zeros(32, 32), (32, 32), record=record("b"))
+    monkeypatch.undo()
+    with open(tmp_path / "manifest.csv", "a") as fh:
+        fh.write("c,dpm_solv")  # and a row cut short: c has no mask either
+    resumed = PredictionWriter(tmp_path)  # no close(): as after kill -9
+    assert resumed.done("a") and not resumed.done("b") and not resumed.done("c")
+    resumed.write("b", blob(), torch.zeros(32, 32), (32, 32), record=record("b"))
+    rows, _ = read_manifest(tmp_path / "manifest.csv")
+    assert rows["b"]["seconds"] == "1.5" and rows["c"]["steps"] is None  # b's row starts on a line of its own
+    resumed.close()
+    text = (tmp_path / "manifest.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in text] == ["id", "a", "b"]
+
+
+def test_clear_prediction_folder_removes_only_the_samplers_outputs(tmp_path):
+    w = PredictionWriter(tmp_path, save_overlays=True)
+    w.write("a", blob(), torch.zeros(32, 32), (32, 32), image=np.zeros((32, 32, 3), np.uint8), record=record("a"))
+    w.close()
+    outputs.write_settings(tmp_path, {"model": {"weights": "x"}})
+    for name in ("split.json", "notes.txt", "eval/evaluation.csv", "evaluation.csv", "evaluation.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    outputs.clear_prediction_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "split.json"]
+
+
+def test_settings_conflict_names_what_differs():
+    old = {"model": {"file": "model_0000100.pt", "weights": "1"}, "settings": {"sampler": "ddim", "steps": 10,
+                                                                                 "eta": 0.0}}
+    same = {"model": {"file": "model_0000100.pt", "path": "/elsewhere", "weights": "1"}, "settings": old["settings"]}
+    assert outputs.settings_conflict("P", old, same) is None
+    new = {"model": {"file": "model_0000200.pt", "weights": "2"}, "settings": {"sampler": "ddim", "steps": 20,
+                                                                                 "eta": 0.0}}
+    assert outputs.settings_conflict("P", old, new) == (
+        "--out_dir P holds masks of model_0000100.pt with --steps 10; this run: model_0000200.pt with --steps 20; "
+        "use --overwrite True to replace them, or another --out_dir")
+    solver = {"model": old["model"], "settings": {"sampler": "dpm_solver++", "steps": 10, "order": 2}}
+    assert "with --sampler ddim; this run: --sampler dpm_solver++;" in outputs.settings_conflict("P", old, solver)
+
+
+def test_new_files_undo_removes_what_the_run_created_only(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    created = outputs.NewFiles(mine)
+    for name in ("split.json", "manifest.csv", "sampling.json", ".lock", "prob/x.png"):
+        (mine / name).parent.mkdir(exist_ok=True)
+        (mine / name).write_text("x")
+    created.undo()
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    fresh = tmp_path / "fresh"
+    created = outputs.NewFiles(fresh)
+    fresh.mkdir()
+    (fresh / "split.json").write_text("x")
+    created.undo()
+    assert not fresh.exists()
+    started = outputs.NewFiles(fresh)  # once a mask is written, every file stays, for a resume
+    fresh.mkdir()
+    (fresh / "split.json").write_text("x")
+    (fresh / "a.png").write_bytes(b"mask")
+    assert started.undo() == [] and (fresh / "split.json").exists()
