@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, evaluate, print notes and the table (bad input raises EvaluationError/DataError)."""
     args = build_parser().parse_args(argv)
-    result = evaluate(EvalOptions(progress=sys.stderr.isatty(), **vars(args)))
+    result = evaluate(EvalOptions(**vars(args)))  # progress: a bar on a terminal, periodic lines in a log
     for note in result.notes:
         print(note, file=sys.stderr)
     print(format_table(result.summary))

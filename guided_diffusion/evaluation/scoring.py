@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from guided_diffusion.evaluation import metrics
 from guided_diffusion.data.datasets import IMAGE_EXTS, DataError, image_files, list_pairs, load_mask
 from guided_diffusion.fileio import atomic_write
 from guided_diffusion.layout import EVAL_CSV, EVAL_JSON
+from guided_diffusion.progress import progress
 
 ISIC_ID = re.compile(r"ISIC_\d{7}")
 MASK_SUFFIX = re.compile(r"_(segmentation|mask)$", re.IGNORECASE)
@@ -38,6 +38,12 @@ PROB_DIR, UNC_DIR = "prob", "uncertainty"
 PROGRESS_MIN_IMAGES = 20
 EXTRA_METRICS = ("ece", "unc_error_dice")
 SHOWN_IDS = 10
+# A ground truth that is a photo, not a mask: many grey levels, and many pixels neither dark nor bright (masks, even
+# JPEG ones with compression noise, have a few percent at most, on their edges; the photos of ISIC and Kvasir-SEG
+# 16% and more, taking each pixel's brightest channel so that red or blue masks count as masks).
+MIDTONE_RANGE = (16, 239)
+PHOTO_MIDTONES = 0.10
+PHOTO_LEVELS = 32
 
 
 class EvaluationError(ValueError):
@@ -205,6 +211,10 @@ def pair_predictions(pred_dir: Path, gt: dict[str, Path], isic: bool, allow_miss
             f"nothing to pair: no prediction in {pred_dir} has a ground-truth id "
             f"(predictions: {_id_list([k or p.name for k, p in ids])}; ground truth: {_id_list(list(gt))})"
         )
+    same = sorted(k for k, p in preds.items() if _same_folder(p, gt[k]))
+    if same:
+        raise EvaluationError(f"--inp_pth {pred_dir} holds the ground truth itself ({gt[same[0]]} is its own "
+                              "prediction): give the folder of predicted masks")
     missing = sorted(set(gt) - set(preds))
     notes = []
     if missing and not allow_missing:
@@ -232,6 +242,7 @@ def pair(opts: EvalOptions) -> Pairing:
         raise EvaluationError("give the ground truth as either --out_pth GT_DIR or --data_name NAME --data_dir DIR")
     if opts.data_dir is not None and opts.data_name is None:
         raise EvaluationError("--data_dir needs --data_name")
+    check_not_self(opts)
     if opts.out_pth is not None:
         gt, isic, notes = ground_truth_from_folder(opts.out_pth)
     else:
@@ -239,6 +250,20 @@ def pair(opts: EvalOptions) -> Pairing:
     pairing = pair_predictions(opts.inp_pth, gt, isic, opts.allow_missing)
     pairing.notes[:0] = notes
     return pairing
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def check_not_self(opts: EvalOptions) -> None:
+    """--inp_pth and --out_pth must be two folders: the masks scored against themselves give Dice 1."""
+    if opts.out_pth is not None and _same_folder(opts.inp_pth, opts.out_pth):
+        raise EvaluationError(f"--inp_pth and --out_pth are the same folder ({opts.inp_pth}): the predictions would be "
+                              "scored against themselves; --out_pth is the folder of ground-truth masks")
 
 
 # ---------------------------------------------------------------- loading and scoring
@@ -266,8 +291,27 @@ def fit_to(arr: np.ndarray, shape: tuple[int, int], path: Path, strict: bool) ->
     return (out > 0 if mode_bool else out), True
 
 
+def check_is_mask(path: Path, flag: str) -> None:
+    """A ground truth must be a mask: a colour or grey photo (many grey levels, many mid-tone pixels) is an
+    EvaluationError naming the file, not a silent score against its thresholded brightness."""
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith(("I", "F")):  # 16-bit and float files: label maps and masks, not photos
+                return
+            values = np.asarray(im.convert("RGB")).max(axis=-1)
+    except (OSError, ValueError):
+        return  # load_mask names an unreadable file
+    low, high = MIDTONE_RANGE
+    midtones = float(((values >= low) & (values <= high)).mean()) if values.size else 0.0
+    levels = len(np.unique(values))
+    if midtones > PHOTO_MIDTONES and levels > PHOTO_LEVELS:
+        raise EvaluationError(f"ground truth {path} is not a mask ({levels} grey levels, {midtones:.0%} of its pixels "
+                              f"mid-tone, as in a photo): {flag} must give the ground-truth masks, not the images")
+
+
 def score_item(item: Item, opts: EvalOptions) -> dict:
     """One CSV row: every metric of one image, plus areas and what was done to the files."""
+    check_is_mask(item.gt, "--out_pth" if opts.out_pth is not None else "--data_dir")
     gt = load_mask(item.gt)
     resized = False
     if item.pred is None:
@@ -293,7 +337,7 @@ def score_item(item: Item, opts: EvalOptions) -> dict:
 def score_all(items: list[Item], opts: EvalOptions) -> pd.DataFrame:
     """Per-image table over all items, with a progress bar for large folders."""
     show = opts.progress and len(items) >= PROGRESS_MIN_IMAGES
-    rows = [score_item(it, opts) for it in tqdm(items, desc="evaluating", unit="img", disable=not show)]
+    rows = [score_item(it, opts) for it in progress(items, desc="evaluating", unit="img", disable=not show)]
     return pd.DataFrame(rows)
 
 

@@ -209,6 +209,67 @@ def test_unreadable_mask_names_the_file(isic):
         run(pred, gt)
 
 
+def photo(shape=(40, 50), seed=0) -> np.ndarray:
+    """An RGB photo-like image: smooth colour gradients with noise (what an images folder holds)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    base = np.stack([90 + 80 * xx / shape[1], 60 + 60 * yy / shape[0], 70 + 40 * (xx + yy) / sum(shape)], -1)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_images_given_as_ground_truth_are_an_error_naming_the_file(tmp_path):
+    gt, pred = tmp_path / "images", tmp_path / "pred"
+    for k in ("a", "b"):
+        save(gt / f"{k}.png", photo(seed=ord(k)))
+        save(pred / f"{k}.png", square())
+    with pytest.raises(E.EvaluationError, match=r"^ground truth .*a\.png is not a mask \(\d+ grey levels, \d+% of its "
+                                                r"pixels mid-tone, as in a photo\): --out_pth must give the "
+                                                r"ground-truth masks, not the images$"):
+        run(pred, gt)
+    # masks stay masks: JPEG noise, a red foreground, a small anti-aliased (resized) mask, a label map
+    save(gt / "a.jpg", square(), quality=60)
+    (gt / "a.png").unlink()
+    red = np.zeros((40, 50, 3), np.uint8)
+    red[square()] = (255, 0, 0)
+    save(gt / "b.png", red)
+    big = np.zeros((400, 500), np.uint8)
+    big[100:300, 150:380] = 255
+    save(gt / "c.png", np.asarray(Image.fromarray(big).resize((50, 40), Image.BILINEAR)))
+    save(gt / "d.png", square().astype(np.uint8) * 2)
+    for k in ("c", "d"):
+        save(pred / f"{k}.png", square())
+    assert len(run(pred, gt).per_image) == 4
+
+
+def test_the_synthetic_sets_images_are_no_ground_truth(tmp_path):
+    from guided_diffusion.data.datasets import make_synthetic
+    data = make_synthetic(tmp_path / "data", num_images=4)
+    pred = tmp_path / "pred"
+    for path in (data / "masks").glob("*.png"):
+        save(pred / path.name, np.asarray(Image.open(path)))
+    assert run(pred, data / "masks").summary["metrics"]["dice"]["mean"] == 1.0
+    with pytest.raises(E.EvaluationError, match="is not a mask"):
+        run(pred, data / "images")
+
+
+@pytest.mark.skipif(not (SHARED / "Kvasir-SEG").is_dir(), reason="shared Kvasir-SEG sample absent")
+def test_real_photos_as_ground_truth_are_an_error(tmp_path):
+    images = SHARED / "Kvasir-SEG" / "images"
+    for f in sorted(images.glob("*.jpg"))[:2]:
+        save(tmp_path / "pred" / f"{f.stem}.png", square())
+    with pytest.raises(E.EvaluationError, match="is not a mask"):
+        run(tmp_path / "pred", images, allow_missing=True)
+
+
+def test_predictions_scored_against_themselves_are_an_error(isic, tmp_path):
+    pred, gt = isic
+    with pytest.raises(E.EvaluationError, match=r"^--inp_pth and --out_pth are the same folder"):
+        run(pred, pred / ".")
+    data = folder_dataset(tmp_path / "data")  # --inp_pth the data set's own mask folder
+    with pytest.raises(E.EvaluationError, match=r"holds the ground truth itself \(.*s\d\.png is its own prediction\)"):
+        run_data(data / "masks", "FOLDER", data, split="all")
+
+
 # ---------------------------------------------------------------- binarisation and sizes
 
 
@@ -310,7 +371,8 @@ def test_progress_bar_for_large_folders(tmp_path, capsys):
         save(gt / f"m{i}.png", square((8, 8), 1, 1, 3))
         save(pred / f"m{i}.png", square((8, 8), 1, 1, 3))
     E.evaluate(E.EvalOptions(inp_pth=pred, out_pth=gt, n_boot=10, progress=True))
-    assert "evaluating" in capsys.readouterr().err
+    n = E.PROGRESS_MIN_IMAGES  # off a terminal: plain lines (guided_diffusion.progress), not a bar's redraws
+    assert f"evaluating: {n}/{n} img (100%)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- data sets
@@ -436,7 +498,7 @@ def test_cli_error_is_one_line_exit_2(isic, cli):
     assert "ISIC_0000002" in r.stderr and not (pred / E.DEFAULT_CSV).exists()
 
 
-@pytest.mark.parametrize("case", ["no_folder", "strict", "unreadable"])
+@pytest.mark.parametrize("case", ["no_folder", "strict", "unreadable", "photo", "same"])
 def test_script_errors_are_one_line_exit_2(isic, case, capsys, env_script):
     from guided_diffusion.cli import run_cli
     pred, gt = isic
@@ -446,13 +508,18 @@ def test_script_errors_are_one_line_exit_2(isic, case, capsys, env_script):
     elif case == "strict":
         save(pred / "ISIC_0000002.png", square((20, 25)))
         args.append("--strict")
+    elif case == "photo":
+        save(gt / "ISIC_0000001_Segmentation.png", photo((40, 50)))
+    elif case == "same":
+        args[3] = str(pred / ".." / pred.name)
     else:
         (gt / "ISIC_0000001_Segmentation.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(SystemExit) as exc:
         run_cli(lambda: env_script.main(args))
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
-    assert {"no_folder": "--out_pth", "strict": "--strict", "unreadable": "ISIC_0000001_Segmentation.png"}[case] in err
+    assert {"no_folder": "--out_pth", "strict": "--strict", "unreadable": "ISIC_0000001_Segmentation.png",
+            "photo": "ISIC_0000001_Segmentation.png is not a mask", "same": "are the same folder"}[case] in err
     assert not (pred / E.DEFAULT_CSV).exists()
 
 
