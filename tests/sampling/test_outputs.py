@@ -286,6 +286,14 @@ def test_settings_conflict_names_what_differs():
         "use --overwrite True to replace them, or another --out_dir")
     solver = {"model": old["model"], "settings": {"sampler": "dpm_solver++", "steps": 10, "order": 2}}
     assert "with --sampler ddim; this run: --sampler dpm_solver++;" in outputs.settings_conflict("P", old, solver)
+    # ADDPM's networks: by their weights, named by file (or path when the files share a name)
+    den = {"file": "model_0000002.pt", "path": "/a/den/model_0000002.pt", "weights": "d1"}
+    addpm = {"model": old["model"], "networks": {"denoiser_path": den}, "settings": {"sampler": "addpm"}}
+    moved = {**addpm, "networks": {"denoiser_path": {**den, "path": "/b/den/model_0000002.pt"}}}
+    assert outputs.settings_conflict("P", addpm, moved) is None
+    other = {**addpm, "networks": {"denoiser_path": {**moved["networks"]["denoiser_path"], "weights": "d2"}}}
+    assert ("holds masks of model_0000100.pt with --denoiser_path /a/den/model_0000002.pt; this run: "
+            "--denoiser_path /b/den/model_0000002.pt;") in outputs.settings_conflict("P", addpm, other)
 
 
 def test_new_files_undo_removes_what_the_run_created_only(tmp_path):
