@@ -170,10 +170,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str, use_def
     group = parser.add_argument_group(title)
     for f in fields(cls):
         default = f.default if use_defaults else None
-        shown = f" (default: {f.default})" if use_defaults else ""
+        helptext = f.metadata.get("help", "")
+        said = f.default == "" or "default" in helptext  # no "(default: )", and never the default twice
+        shown = f" (default: {f.default})" if use_defaults and not said else ""
         group.add_argument(f"--{f.name}", type=_arg_type(f), default=default,
                            metavar=f.name.upper() if _arg_type(f) is not str2bool else "True|False",
-                           help=f.metadata.get("help", "") + shown)
+                           help=helptext + shown)
 
 
 def parse_with_preset(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

@@ -231,6 +231,9 @@ def _validate(cfg: SampleConfig) -> None:
         raise ValueError(f"--split must be train, val, test or all, got {cfg.split!r}")
     if cfg.max_images < 0:
         raise ValueError(f"--max_images must be >= 0 (0: all), got {cfg.max_images}")
+    for name in ("eta", "td"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
 
 
 def amp_mode(flag: str, device: torch.device) -> str:

@@ -212,3 +212,19 @@ def test_training_piped_to_a_file_writes_a_few_kb_and_still_shows_progress(tmp_p
     assert "\r" not in text and len(text) < 4096, text[-2000:]
     assert "train diffusion: 300/300 step (100%)" in text and "img/s=" in text
     assert len(read_log(tmp_path / "run")) == 30  # the CSV log is unchanged: one row per --log_interval
+
+
+def test_train_help_shows_each_default_once():
+    from guided_diffusion.config import train_parser
+
+    for action in train_parser()._actions:
+        if action.help:
+            assert "(default: )" not in action.help and action.help.count("(default:") <= 1, action.help
+
+
+@pytest.mark.parametrize("flag", ["eta", "td"])
+def test_negative_ddim_knobs_are_one_line_errors(flag):
+    from guided_diffusion.sampling.pipeline import SampleConfig, _validate
+
+    with pytest.raises(ValueError, match=f"--{flag} must be >= 0, got -1"):
+        _validate(SampleConfig(model_path="run", **{flag: -1.0}))
