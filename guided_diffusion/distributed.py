@@ -167,3 +167,16 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def loader_workers(requested: int, log=print) -> int:
+    """--num_workers capped at the CPUs this process may run on (torch warns about, and gains nothing from, more
+    loader processes than CPUs); a note when it is capped. The data stream does not depend on the number."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on macOS / Windows
+        usable = os.cpu_count() or 1
+    if requested > usable:
+        log(f"--num_workers {requested}: this process may use {usable} CPU(s); loading with {usable} worker(s)")
+        return usable
+    return requested

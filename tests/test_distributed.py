@@ -160,3 +160,14 @@ def test_cuda_device_index_under_torchrun_is_an_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--device cuda"):
         distributed.setup("cuda:1")
+
+
+def test_loader_workers_are_capped_at_the_usable_cpus(monkeypatch):
+    import os
+    from guided_diffusion.distributed import loader_workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    notes = []
+    assert loader_workers(4, log=notes.append) == 1
+    assert notes == ["--num_workers 4: this process may use 1 CPU(s); loading with 1 worker(s)"]
+    assert loader_workers(1, log=notes.append) == 1 and loader_workers(0, log=notes.append) == 0
+    assert len(notes) == 1

@@ -446,15 +446,16 @@ def prepare(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: in
 def run(job: SamplingJob) -> SamplingSummary:
     """Sample, fuse and write every image still to do; the summary over every rank's shard."""
     cfg, lm, strategy, device = job.cfg, job.lm, job.strategy, job.device
+    main = job.rank == 0
     dataset = datasets.SegmentationDataset(job.pairs, lm.model_cfg.image_size, augment=False)
-    loader = DataLoader(Subset(dataset, job.todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    loader = DataLoader(Subset(dataset, job.todo), batch_size=cfg.batch_size,
+                        num_workers=distributed.loader_workers(cfg.num_workers, log=print if main else lambda _: None),
                         pin_memory=device.type == "cuda")
     by_id = {p.id: p for p in job.pairs}
     record_base = {"sampler": strategy.label, "steps": strategy.steps, "num_ensemble": cfg.num_ensemble,
                    "fusion": cfg.fusion, "split": cfg.split, **strategy.record()}
     warmup = cfg.warmup if cfg.warmup >= 0 else int(device.type == "cuda")
     total_s, nfe, nfe_parts = 0.0, 0, {}
-    main = job.rank == 0
     if main and len(job.todo) < len(job.pairs):
         print(f"{len(job.pairs) - len(job.todo)} of {len(job.pairs)} images already in {cfg.out_dir} with these "
               f"settings: skipped (--overwrite True to sample afresh)", flush=True)

@@ -41,7 +41,7 @@ from guided_diffusion.checkpoint import (DESCRIBE, CheckpointError, candidates, 
 from guided_diffusion.cli import Interrupted
 from guided_diffusion.config import DataConfig, RunConfig
 from guided_diffusion.data import datasets
-from guided_diffusion.distributed import DistInfo, barrier
+from guided_diffusion.distributed import DistInfo, barrier, loader_workers
 from guided_diffusion.fileio import OutDirLock, atomic_write, remove_stale_tmp
 from guided_diffusion.layout import LATEST, LOG_FILE, SPLIT_FILE
 
@@ -114,10 +114,11 @@ def train_loader(pairs: list, image_size: int, cfg: RunConfig, start_step: int, 
     datasets.maybe_preload(dataset, cfg.preload, log=print if dist_info.is_main else lambda _: None,
                            progress=dist_info.is_main)
     sampler = StepSampler(len(pairs), cfg.batch_size, cfg.seed, start_step, dist_info.rank, dist_info.world_size)
+    workers = loader_workers(cfg.num_workers, log=print if dist_info.is_main else lambda _: None)
     return DataLoader(SeededItems(dataset), batch_size=cfg.batch_size, sampler=sampler,
-                      num_workers=cfg.num_workers, pin_memory=dist_info.device.type == "cuda",
-                      persistent_workers=cfg.num_workers > 0, generator=torch.Generator(),
-                      prefetch_factor=4 if cfg.num_workers > 0 else None)
+                      num_workers=workers, pin_memory=dist_info.device.type == "cuda",
+                      persistent_workers=workers > 0, generator=torch.Generator(),
+                      prefetch_factor=4 if workers > 0 else None)
 
 
 def step_noise(seed: int, step: int, batch_size: int, shape: tuple[int, ...], num_timesteps: int,

@@ -34,7 +34,7 @@ def test_benchmark_compares_against_the_ddpm_reference(trained, tmp_path, script
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["qual.png", "quant.png"]
 
 
-def test_benchmark_has_addpm_rows(runs, tmp_path, run_script):
+def test_benchmark_has_addpm_rows(runs, tmp_path, run_script, capsys):
     out = tmp_path / "b"
     common = ["--model_path", runs / "diff", "--out_dir", out, "--num_ensemble", 2, "--max_images", 2,
               "--ensemble_check", "", "--device", "cpu", "--pre_t", 12, "--stop_t", 10, "--denoiser_path", runs / "den"]
@@ -56,6 +56,14 @@ def test_benchmark_has_addpm_rows(runs, tmp_path, run_script):
     assert [tuple(r[k] for k in keys) for r in again] == [tuple(r[k] for k in keys) for r in rows[:2]]
     assert float(again[1]["seconds_per_image"]) == pytest.approx(float(rows[1]["seconds_per_image"]), abs=1e-3)
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("synth_*.png")}
+    # a row folder from before sampling.json existed cannot be reused: it is sampled again, not an error
+    legacy = out / "ddpm-40-n2"
+    (legacy / "sampling.json").unlink()
+    capsys.readouterr()
+    run_script("benchmark_sampling.py", *common, "--configs", "ddpm:1000", "--reuse", "True")
+    assert "masks without sampling.json (an older run's); sampling them again" in capsys.readouterr().out
+    assert (legacy / "sampling.json").is_file()
+    assert all(p.stat().st_mtime_ns > before[p] for p in legacy.glob("synth_*.png"))
     from guided_diffusion.reports import benchmark
     from guided_diffusion.sampling.pipeline import SamplingSummary
     other = SamplingSummary("addpm-ddpm", 2, 2, images=0, skipped=0, seconds=0.0, nfe=0, nfe_parts={},
