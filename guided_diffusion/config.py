@@ -29,6 +29,8 @@ def str2bool(value: str | bool) -> bool:
 class ModelConfig:
     """The network (MedSegDiff-style UNet). Defaults are the seed's ISIC command."""
     image_size: int = field(default=256, metadata={"help": "side of the square the images and masks are resized to"})
+    image_channels: int = field(default=0, metadata={"help": "input image channels (default 0: from the data, 3 for "
+                                                             "RGB images, one per --modalities entry for volumes)"})
     num_channels: int = field(default=128, metadata={"help": "base width of the UNet"})
     num_res_blocks: int = field(default=2, metadata={"help": "residual blocks per resolution level"})
     num_heads: int = field(default=1, metadata={"help": "attention heads"})
@@ -78,9 +80,24 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     """Which images, and how the split is drawn when the data set has no official one."""
-    data_name: str = field(default="SYNTHETIC", metadata={"help": "ISIC, KVASIR, FOLDER or SYNTHETIC"})
+    data_name: str = field(default="SYNTHETIC", metadata={"help": "ISIC, KVASIR, FOLDER, SYNTHETIC, or the NIfTI "
+                                                                  "volumes BRATS and NIFTI (Decathlon / nnU-Net)"})
     data_dir: str = field(default="data/synthetic", metadata={"help": "data set root"})
-    split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split (KVASIR, FOLDER, SYNTHETIC)"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split (KVASIR, FOLDER, SYNTHETIC; "
+                                                         "BRATS and NIFTI, by case)"})
+    modalities: str = field(default="", metadata={"help": "BRATS/NIFTI: the input channels, comma-separated (BRATS: "
+                                                          "file suffixes, default t1,t1ce,t2,flair; NIFTI: names of "
+                                                          "dataset.json or channel numbers, default all)"})
+    labels: str = field(default="", metadata={"help": "BRATS/NIFTI: the labels that are foreground, e.g. 1,4 "
+                                                      "(default: every label > 0, BraTS's whole tumour)"})
+    slice_axis: int = field(default=2, metadata={"help": "BRATS/NIFTI: the volume axis the 2-D slices are taken "
+                                                         "along, 0, 1 or 2 (default 2: axial)"})
+    skip_empty_slices: str = field(default="0", metadata={"help": "BRATS/NIFTI: leave out this fraction of the "
+                                                                  "training slices with an empty mask (True: all; "
+                                                                  "default 0: keep all)"})
+    norm_percentiles: str = field(default="0.5,99.5", metadata={"help": "BRATS/NIFTI: each channel is clipped to "
+                                                                        "these percentiles of its nonzero voxels, then "
+                                                                        "z-scored on them (default 0.5,99.5)"})
 
 
 @dataclass
@@ -239,6 +256,8 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
         raise ValueError("--class_cond True is not supported: segmentation data sets here carry no class labels")
     if model.image_size < 8:
         raise ValueError(f"--image_size must be >= 8, got {model.image_size}")
+    if model.image_channels < 0:
+        raise ValueError(f"--image_channels must be >= 1 (or 0: from the data), got {model.image_channels}")
     if model.num_channels < 1 or model.num_res_blocks < 1:
         raise ValueError("--num_channels and --num_res_blocks must be >= 1")
     if diffusion.noise_schedule not in ("linear", "cosine"):
@@ -284,8 +303,9 @@ def create_model(model: ModelConfig, diffusion: DiffusionConfig):
     validate(model, diffusion)
     mult = parse_int_list(model.channel_mult, "--channel_mult") or default_channel_mult(model.image_size)
     x0_tanh = diffusion.mask_scale if diffusion.x0_tanh else None
+    image_channels = model.image_channels or 3  # 0: not resolved from data (configs made in code), RGB
     if model.network == "unet":
-        return ConcatUNet(image_size=model.image_size, model_channels=model.num_channels,
+        return ConcatUNet(image_size=model.image_size, model_channels=model.num_channels, image_channels=image_channels,
                           num_res_blocks=model.num_res_blocks, channel_mult=mult, dropout=model.dropout,
                           learn_sigma=diffusion.learn_sigma, self_condition=diffusion.self_condition,
                           x0_tanh_scale=x0_tanh)
@@ -304,6 +324,7 @@ def create_model(model: ModelConfig, diffusion: DiffusionConfig):
         self_condition=diffusion.self_condition,
         image_concat=model.image_concat,
         x0_tanh_scale=x0_tanh,
+        image_channels=image_channels,
     )
 
 

@@ -33,7 +33,7 @@ from guided_diffusion.data import synthetic
 from guided_diffusion.progress import is_terminal
 from guided_diffusion.progress import progress as progress_bar
 
-DATA_NAMES = ("ISIC", "KVASIR", "FOLDER", "SYNTHETIC")
+DATA_NAMES = ("ISIC", "KVASIR", "FOLDER", "SYNTHETIC", "BRATS", "NIFTI")  # the last two: NIfTI volumes (volumes.py)
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")  # every reader of image folders
 MASK_SUFFIXES = ("_segmentation", "_mask")  # matched case-insensitively: _Segmentation, _Mask too
@@ -321,6 +321,10 @@ def find_pairs(data_name: str, data_dir) -> tuple[list[Pair], dict[str, list[str
     ensure_dataset(name, data_dir)
     if name == "ISIC":
         pairs, official = _isic_pairs(data_dir)
+    elif name in ("BRATS", "NIFTI"):  # one volumes.Case per volume: splits draw cases, never slices
+        from guided_diffusion.data.volumes import find_cases
+
+        pairs, official = find_cases(name, data_dir), None
     else:
         pairs, official = _folder_pairs(data_dir), None
     if not pairs:

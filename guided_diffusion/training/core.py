@@ -40,7 +40,7 @@ from guided_diffusion.checkpoint import (DESCRIBE, CheckpointError, candidates, 
                                          find_latest, load_checkpoint, restore_rng_state, save_checkpoint)
 from guided_diffusion.cli import Interrupted
 from guided_diffusion.config import DataConfig, RunConfig
-from guided_diffusion.data import datasets
+from guided_diffusion.data import datasets, volumes
 from guided_diffusion.distributed import DistInfo, barrier, loader_workers
 from guided_diffusion.fileio import OutDirLock, atomic_write, remove_stale_tmp
 from guided_diffusion.layout import LATEST, LOG_FILE, SPLIT_FILE
@@ -107,13 +107,18 @@ class SeededItems(Dataset):
             return self.base[index]
 
 
-def train_loader(pairs: list, image_size: int, cfg: RunConfig, start_step: int, dist_info: DistInfo) -> DataLoader:
+def train_loader(pairs: list, image_size: int, cfg: RunConfig, start_step: int, dist_info: DistInfo,
+                 data_cfg: DataConfig | None = None) -> DataLoader:
     """The infinite, seeded training stream of one process: its StepSampler slice of every global batch,
-    augmented by --num_workers workers from preloaded copies (--preload), pinned for the copy to CUDA."""
-    dataset = datasets.SegmentationDataset(pairs, image_size, augment=cfg.augment)
-    datasets.maybe_preload(dataset, cfg.preload, log=print if dist_info.is_main else lambda _: None,
-                           progress=dist_info.is_main)
-    sampler = StepSampler(len(pairs), cfg.batch_size, cfg.seed, start_step, dist_info.rank, dist_info.world_size)
+    augmented by --num_workers workers from preloaded copies (--preload), pinned for the copy to CUDA.
+    BRATS/NIFTI: the slices of the training cases (data/volumes.py), read once."""
+    log = print if dist_info.is_main else lambda _: None
+    if data_cfg is not None and volumes.is_volume_data(data_cfg.data_name):
+        dataset = volumes.training_slices(pairs, data_cfg, image_size, cfg.augment, log=log, progress=dist_info.is_main)
+    else:
+        dataset = datasets.SegmentationDataset(pairs, image_size, augment=cfg.augment)
+        datasets.maybe_preload(dataset, cfg.preload, log=log, progress=dist_info.is_main)
+    sampler = StepSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, dist_info.rank, dist_info.world_size)
     workers = loader_workers(cfg.num_workers, log=print if dist_info.is_main else lambda _: None)
     return DataLoader(SeededItems(dataset), batch_size=cfg.batch_size, sampler=sampler,
                       num_workers=workers, pin_memory=dist_info.device.type == "cuda",
@@ -309,8 +314,8 @@ class Trainer:
             self.wrapped = torch.compile(self.wrapped)
 
         pairs = datasets.list_pairs(data_cfg.data_name, data_cfg.data_dir, "train", split_file=self.out_dir / SPLIT_FILE)
-        self.num_train = len(pairs)
-        self.loader = train_loader(pairs, self.image_size, run_cfg, self.step, dist_info)
+        self.loader = train_loader(pairs, self.image_size, run_cfg, self.step, dist_info, data_cfg)
+        self.num_train = len(self.loader.dataset)  # images (BRATS/NIFTI: slices of the training cases)
 
     # ----- the run folder -------------------------------------------------------------------------------
     def _claim_out_dir(self, resume: dict | None) -> None:

@@ -26,6 +26,7 @@ import torch
 from guided_diffusion.checkpoint import check_flags
 from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, check_attention_resolutions,
                                      create_gaussian_diffusion, create_model, validate)
+from guided_diffusion.data import volumes
 from guided_diffusion.diffusion.gaussian_diffusion import dice_bce_loss
 from guided_diffusion.distributed import DistInfo
 from guided_diffusion.training.core import Trainer, find_resume
@@ -42,6 +43,7 @@ class DiffusionTrainer(Trainer):
         self.mc, self.dc = model_cfg, diff_cfg
         self.image_size = model_cfg.image_size
         train_cfg.validate()
+        volumes.configure(model_cfg, data_cfg)  # --image_channels (and for volumes --modalities) from the data
         validate(model_cfg, diff_cfg)
         check_attention_resolutions(model_cfg)
         resume = find_resume(train_cfg, self.kind, dist_info)

@@ -197,7 +197,7 @@ def test_load_mask_threshold_rule_and_label_masks(tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 def test_unknown_data_name_names_flag():
     with pytest.raises(DataError) as exc:
-        D.find_pairs("BRATS", "/nowhere")
+        D.find_pairs("LIDC", "/nowhere")  # (BRATS is a layout now: data/volumes.py)
     assert "--data_name" in error_text(exc) and all(n in str(exc.value) for n in D.DATA_NAMES)
 
 
