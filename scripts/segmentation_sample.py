@@ -52,10 +52,12 @@ def main(argv=None) -> None:
     finally:
         distributed.cleanup()
     if info.is_main:
-        n = summary.images
-        rate = f", {summary.seconds_per_image:.3f} s/image" if n else ""
+        n, unit = summary.images, summary.unit
+        rate = f", {summary.seconds_per_image:.3f} s/{unit[:-1]}" if n else ""
+        if n and summary.slices:
+            rate += f" ({summary.slices} slices, {summary.seconds / summary.slices:.3f} s/slice)"
         parts = " = " + " + ".join(f"{v} {k}" for k, v in summary.nfe_parts.items()) if summary.nfe_parts else ""
-        print(f"{summary.sampler} {summary.steps} steps, {summary.nfe} NFE{parts}: {n} images sampled{rate} "
+        print(f"{summary.sampler} {summary.steps} steps, {summary.nfe} NFE{parts}: {n} {unit} sampled{rate} "
               f"({summary.skipped} already done) -> {summary.out_dir}")
 
 if __name__ == "__main__":

@@ -343,6 +343,7 @@ class PredictionWriter:
 # removes the ones it created (NewFiles).
 RUN_FILES = (SPLIT_FILE, MANIFEST, SAMPLING_SETTINGS, LOCK_FILE, *SUBDIRS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+VOLUME_SUFFIXES = (".nii.gz", ".nii")  # a BRATS/NIFTI prediction folder's masks (sampling/volumes.py)
 
 
 def top_level_images(out_dir: Path) -> list[Path]:
@@ -351,8 +352,8 @@ def top_level_images(out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    return sorted(p for p in out_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not p.name.startswith("."))
+    return sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and (p.suffix.lower() in IMAGE_SUFFIXES or p.name.lower().endswith(VOLUME_SUFFIXES)))
 
 
 def is_prediction_folder(out_dir: Path) -> bool:

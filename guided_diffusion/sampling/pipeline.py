@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from guided_diffusion.sampling import addpm
-from guided_diffusion.data import datasets
+from guided_diffusion.data import datasets, volumes
 from guided_diffusion import distributed, fileio
 from guided_diffusion.progress import progress
 from guided_diffusion.checkpoint import (DESCRIBE, DIFFUSION, TRAIN_SCRIPT, CheckpointError, check_flags,
@@ -35,9 +35,14 @@ from guided_diffusion.sampling.ensemble import FUSIONS, UNCERTAINTIES, fuse, unc
 from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
 from guided_diffusion.sampling import outputs
 from guided_diffusion.sampling.outputs import PredictionWriter
+from guided_diffusion.sampling import volumes as sample_volumes
+from guided_diffusion.sampling.volumes import VolumeWriter
 from guided_diffusion.sampling.samplers import (SAMPLERS, SOLVER_ALGORITHMS, FromNoise, OnePass, SamplerSpec, Strategy,
                                                 image_seed)
-from guided_diffusion.config import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model, from_dict
+from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model,
+                                     from_dict)
+
+VOLUME_SETTINGS = ("modalities", "labels", "slice_axis", "norm_percentiles")  # a volume model's data settings
 
 
 @dataclass
@@ -291,6 +296,9 @@ def folder_settings(cfg: SampleConfig, lm: LoadedModel, strategy: Strategy, data
     settings.update(num_ensemble=cfg.num_ensemble, fusion=cfg.fusion, uncertainty=cfg.uncertainty, seed=cfg.seed,
                     use_ema=cfg.use_ema, amp=amp_mode(cfg.amp, device), data_name=data_name,
                     data_dir=str(Path(data_dir).resolve()))
+    if volumes.is_volume_data(data_name):  # the model's, recorded for segmentation_env.py (its --labels default)
+        data = lm.ckpt["config"]["data"]
+        settings.update({k: data.get(k, getattr(DataConfig, k)) for k in VOLUME_SETTINGS})
     networks = {}
     for aux in getattr(strategy, "aux", []):
         flag = "preseg_path" if checkpoint_kind(aux.ckpt) == PRESEG else "denoiser_path"
@@ -357,6 +365,8 @@ class SamplingSummary:
     nfe_parts: dict       # ADDPM: pre-segmentation, chain and denoiser parts of nfe
     settings: dict        # the strategy's own manifest columns (ADDPM: pre_t, stop_t, preseg)
     out_dir: str
+    unit: str = "images"  # what `images` counts: images, or (BRATS/NIFTI) cases
+    slices: int = 0       # BRATS/NIFTI: the slices sampled
 
     @property
     def seconds_per_image(self) -> float:
@@ -377,6 +387,7 @@ class SamplingJob:
     rank: int = 0
     lock: fileio.OutDirLock | None = None
     created: outputs.NewFiles | None = None
+    volume: object | None = None  # BRATS/NIFTI: the checkpoint's data/volumes.VolumeSpec (pairs are its cases)
 
     def finish(self, failed: bool) -> None:
         """Write the manifest and release the folder; after a failure before any mask was written, remove the
@@ -419,6 +430,9 @@ def prepare(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: in
         strategy = build_strategy(cfg, lm, model_flags, device)
         data = lm.ckpt["config"]["data"]
         data_name, data_dir = cfg.data_name or data["data_name"], cfg.data_dir or data["data_dir"]
+        volume = volumes.is_volume_data(data_name)
+        if volume and cfg.save_overlays:
+            raise ValueError(f"--save_overlays True draws on 2-D images; --data_name {data_name} writes volumes")
         split_path = out_dir / SPLIT_FILE
         if rank == 0:
             prepare_folder(out_dir, folder_settings(cfg, lm, strategy, data_name, data_dir, device), cfg.overwrite)
@@ -434,17 +448,25 @@ def prepare(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: in
             pairs = pairs[:cfg.max_images]
         if rank == 0:
             strategy.warn_if_trained_on([p.id for p in pairs])
-        pairs = pairs[rank::world_size]
-        writer = PredictionWriter(out_dir, save_overlays=cfg.save_overlays, overwrite=cfg.overwrite)
+        spec = None
+        if volume:  # normalised and sliced as in training: the checkpoint's modalities, labels, axis, percentiles
+            saved = {k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__}
+            spec = volumes.volume_spec(DataConfig(**{**saved, "data_name": data_name, "data_dir": data_dir}),
+                                       datasets.find_pairs(data_name, data_dir)[0])
+        pairs = pairs[rank::world_size]  # volumes: whole cases per rank, never the slices of one case
+        writer = (VolumeWriter if volume else PredictionWriter)(out_dir, save_overlays=cfg.save_overlays,
+                                                                overwrite=cfg.overwrite)
         todo = [i for i, p in enumerate(pairs) if not writer.done(p.id)]
     except BaseException:
         _release(lock, created)
         raise
-    return SamplingJob(cfg, lm, strategy, pairs, todo, writer, device, rank, lock, created)
+    return SamplingJob(cfg, lm, strategy, pairs, todo, writer, device, rank, lock, created, spec)
 
 
 def run(job: SamplingJob) -> SamplingSummary:
     """Sample, fuse and write every image still to do; the summary over every rank's shard."""
+    if job.volume is not None:
+        return sample_volumes.run(job)
     cfg, lm, strategy, device = job.cfg, job.lm, job.strategy, job.device
     main = job.rank == 0
     dataset = datasets.SegmentationDataset(job.pairs, lm.model_cfg.image_size, augment=False)
