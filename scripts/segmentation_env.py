@@ -2,6 +2,7 @@
 
     python scripts/segmentation_env.py --inp_pth PRED_DIR --out_pth GT_DIR
     python scripts/segmentation_env.py --inp_pth PRED_DIR --data_name KVASIR --data_dir DATA [--split test]
+    python scripts/segmentation_env.py --inp_pth PRED_DIR --data_name BRATS --data_dir DATA   # per case, in 3-D, mm
 
 Reads the folders only; writes the per-image CSV and the JSON summary (by default
 PRED_DIR/evaluation.csv and PRED_DIR/evaluation.json) and nothing else.
@@ -36,14 +37,18 @@ def bounded(kind: type, low: float, high: float, closed_high: bool = True):
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags; the seed's --inp_pth/--out_pth keep their meaning."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inp_pth", type=Path, required=True, help="folder of predicted masks (<id>.png)")
-    p.add_argument("--out_pth", type=Path, help="folder of ground-truth masks (the seed's form)")
-    p.add_argument("--data_name", type=str.upper, choices=["ISIC", "KVASIR", "FOLDER", "SYNTHETIC"],
-                   help="take ground truth from this data set's layout and split instead of --out_pth")
+    p.add_argument("--inp_pth", type=Path, required=True, help="folder of predicted masks (<id>.png; volumes: "
+                                                                "<case>.nii.gz)")
+    p.add_argument("--out_pth", type=Path, help="folder of ground-truth masks (the seed's form; or of NIfTI label "
+                                                "volumes, scored per case in 3-D)")
+    p.add_argument("--data_name", type=str.upper, choices=["ISIC", "KVASIR", "FOLDER", "SYNTHETIC", "BRATS", "NIFTI"],
+                   help="take ground truth from this data set's layout and split instead of --out_pth (BRATS, "
+                        "NIFTI: label volumes, scored per case in 3-D with HD95/ASSD in mm)")
     p.add_argument("--data_dir", type=Path, help="data set root for --data_name")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="split to score")
     p.add_argument("--split_file", type=Path,
-                   help="split JSON (default: <inp_pth>/split.json for KVASIR/FOLDER/SYNTHETIC when present)")
+                   help="split JSON (default: <inp_pth>/split.json for KVASIR/FOLDER/SYNTHETIC/BRATS/NIFTI when "
+                        "present)")
     p.add_argument("--split_seed", type=int, default=0, help="seed of the default split when no split file is found")
     p.add_argument("--threshold", type=bounded(int, 0, 254), default=128,
                    help="a prediction pixel > threshold is foreground (ISIC: 128); "
@@ -57,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "maps are 2*std or entropy in bits, 1 where the members split evenly)")
     p.add_argument("--n_boot", type=bounded(int, 1, 10**6), default=1000, help="bootstrap resamples for the 95%% CI")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--labels", default=None,
+                   help="volumes: the labels that are foreground, e.g. 1,4 (default: those the sampler recorded in "
+                        "<inp_pth>/sampling.json, else every label > 0)")
     p.add_argument("--csv", type=Path, help=f"per-image CSV (default <inp_pth>/{DEFAULT_CSV})")
     p.add_argument("--json", type=Path, help=f"JSON summary (default <inp_pth>/{DEFAULT_JSON})")
     return p

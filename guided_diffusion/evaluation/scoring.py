@@ -32,7 +32,7 @@ from guided_diffusion.progress import progress
 
 ISIC_ID = re.compile(r"ISIC_\d{7}")
 MASK_SUFFIX = re.compile(r"_(segmentation|mask)$", re.IGNORECASE)
-SPLIT_DATA_SETS = ("KVASIR", "FOLDER", "SYNTHETIC")  # data sets whose test split is drawn, not given
+SPLIT_DATA_SETS = ("KVASIR", "FOLDER", "SYNTHETIC", "BRATS", "NIFTI")  # data sets whose test split is drawn, not given
 DEFAULT_CSV, DEFAULT_JSON = EVAL_CSV, EVAL_JSON  # no image id in these names: the ISIC scorer matches ids in names
 PROB_DIR, UNC_DIR = "prob", "uncertainty"
 PROGRESS_MIN_IMAGES = 20
@@ -70,6 +70,7 @@ class EvalOptions:
     csv: Path | None = None
     json: Path | None = None
     progress: bool = True
+    labels: str | None = None  # BRATS/NIFTI: foreground labels (default: the sampler's, from sampling.json; else > 0)
 
 
 @dataclass(frozen=True)
@@ -431,19 +432,28 @@ def format_table(summary: dict) -> str:
     """The terminal table: one row per metric with mean, std, median, bootstrap 95% CI and count."""
     head = f"{'metric':<18}{'mean':>9}{'std':>9}{'median':>9}{'95% CI':>21}{'n':>7}"
     lines = [head, "-" * len(head)]
+    unit = summary["settings"].get("surface_unit", "px")  # volumes: mm (evaluation/volumes.py)
     for name, s in summary["metrics"].items():
         px = name in metrics.SURFACE_METRICS
         f = (lambda v: f"{v:.2f}") if px else (lambda v: f"{v:.4f}")
-        label = name + (" (px)" if px else "")
+        label = name + (f" ({unit})" if px else "")
         ci = f"[{f(s['ci95_low'])}, {f(s['ci95_high'])}]"
         lines.append(f"{label:<18}{f(s['mean']):>9}{f(s['std']):>9}{f(s['median']):>9}{ci:>21}{s['n']:>7}")
-    lines.append(f"{summary['n_images']} images, macro average; 95% CI: percentile bootstrap of the mean "
+    lines.append(f"{summary['n_images']} {'cases' if 'n_cases' in summary else 'images'}, macro average; 95% CI: percentile bootstrap of the mean "
                  f"({summary['settings']['n_boot']} resamples, seed {summary['settings']['seed']})")
     return "\n".join(lines)
 
 
 def evaluate(opts: EvalOptions) -> EvalResult:
-    """Pair, score every image, summarise, and write the CSV and JSON reports (the only files written)."""
+    """Pair, score every image, summarise, and write the CSV and JSON reports (the only files written). BRATS/NIFTI
+    (or an --out_pth of NIfTI labels): per case in 3-D (evaluation/volumes.py)."""
+    from guided_diffusion.evaluation import volumes as volume_scoring
+
+    if volume_scoring.applies(opts):
+        return volume_scoring.evaluate(opts)
+    if opts.labels is not None:
+        raise EvaluationError("--labels picks the foreground labels of NIfTI label volumes (--data_name BRATS or "
+                              "NIFTI, or an --out_pth of .nii.gz labels)")
     pairing = pair(opts)
     table = score_all(pairing.items, opts)
     notes = pairing.notes + table_notes(table)
