@@ -313,6 +313,9 @@ class Trainer:
             # all-reduce still overlaps the backward pass. self.model keeps the plain weights for checkpoints.
             self.wrapped = torch.compile(self.wrapped)
 
+        if volumes.is_volume_data(data_cfg.data_name) and self.kind != "diffusion":
+            raise ValueError(f"--data_name {data_cfg.data_name}: the {DESCRIBE[self.kind]} takes 3-channel images; "
+                             f"NIfTI volumes train the diffusion model only (scripts/segmentation_train.py)")
         pairs = datasets.list_pairs(data_cfg.data_name, data_cfg.data_dir, "train", split_file=self.out_dir / SPLIT_FILE)
         self.loader = train_loader(pairs, self.image_size, run_cfg, self.step, dist_info, data_cfg)
         self.num_train = len(self.loader.dataset)  # images (BRATS/NIFTI: slices of the training cases)

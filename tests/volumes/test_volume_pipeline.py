@@ -160,3 +160,12 @@ def test_torchrun_shards_cases(volume_sets, tmp_path, run_script):
         a = np.asarray(nib.load(str(one / "prob" / path.name)).dataobj)
         b = np.asarray(nib.load(str(two / "prob" / path.name)).dataobj)
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_auxiliary_networks_refuse_volumes(volume_sets, tmp_path, run_script):
+    """ADDPM's pre-segmentation network takes RGB images: a one-line error before anything is written."""
+    with pytest.raises(ValueError, match="--data_name BRATS: the pre-segmentation network takes 3-channel images"):
+        run_script("train_preseg_network.py", "--data_name", "BRATS", "--data_dir", volume_sets["brats"],
+                   "--out_dir", tmp_path / "pre", "--image_size", "16", "--num_channels", "8", "--max_steps", "1",
+                   "--num_workers", "0", "--device", "cpu")
+    assert not (tmp_path / "pre").exists()
