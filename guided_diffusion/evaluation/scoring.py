@@ -439,7 +439,8 @@ def format_table(summary: dict) -> str:
         label = name + (f" ({unit})" if px else "")
         ci = f"[{f(s['ci95_low'])}, {f(s['ci95_high'])}]"
         lines.append(f"{label:<18}{f(s['mean']):>9}{f(s['std']):>9}{f(s['median']):>9}{ci:>21}{s['n']:>7}")
-    lines.append(f"{summary['n_images']} {'cases' if 'n_cases' in summary else 'images'}, macro average; 95% CI: percentile bootstrap of the mean "
+    counted = "cases" if "n_cases" in summary else "images"
+    lines.append(f"{summary['n_images']} {counted}, macro average; 95% CI: percentile bootstrap of the mean "
                  f"({summary['settings']['n_boot']} resamples, seed {summary['settings']['seed']})")
     return "\n".join(lines)
 

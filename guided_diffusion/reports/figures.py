@@ -118,14 +118,18 @@ def speed_quality_plot(points: list[SpeedPoint], path: Path, title: str = "",
 
 
 def _dice_lines(points, group, x, note):
-    """A figure with Dice against x(p), one line per group(p) in first-seen order, each point labelled note(p)."""
+    """A figure with Dice against x(p), one line per group(p) in first-seen order, each point labelled note(p);
+    points that coincide (the same sampler reached by two commands) share one label, 'a = b'."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in dict.fromkeys(group(p) for p in points):
         mine = sorted((p for p in points if group(p) == name), key=x)
         ax.plot([x(p) for p in mine], [p.dice for p in mine], marker="o", label=name)
+        notes: dict[tuple[float, float], list[str]] = {}
         for p in mine:
-            ax.annotate(note(p), (x(p), p.dice), textcoords="offset points", xytext=(4, 3), fontsize=6)
+            notes.setdefault((x(p), p.dice), []).append(note(p))
+        for (px, dice), said in notes.items():
+            ax.annotate(" = ".join(said), (px, dice), textcoords="offset points", xytext=(4, 3), fontsize=6)
     return fig, ax
 
 

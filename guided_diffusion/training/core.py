@@ -119,7 +119,7 @@ def train_loader(pairs: list, image_size: int, cfg: RunConfig, start_step: int, 
         dataset = datasets.SegmentationDataset(pairs, image_size, augment=cfg.augment)
         datasets.maybe_preload(dataset, cfg.preload, log=log, progress=dist_info.is_main)
     sampler = StepSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, dist_info.rank, dist_info.world_size)
-    workers = loader_workers(cfg.num_workers, log=print if dist_info.is_main else lambda _: None)
+    workers = loader_workers(cfg.num_workers, log=log)
     return DataLoader(SeededItems(dataset), batch_size=cfg.batch_size, sampler=sampler,
                       num_workers=workers, pin_memory=dist_info.device.type == "cuda",
                       persistent_workers=workers > 0, generator=torch.Generator(),

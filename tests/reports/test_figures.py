@@ -61,3 +61,17 @@ def test_speed_and_nfe_plots_draw_one_sorted_line_per_group(tmp_path, monkeypatc
     assert calls == [([1.0, 10.0], [0.72, 0.7], "diffusion"), ([1.0], [0.6], "b1")]
     with pytest.raises(ValueError):
         figures.dice_nfe_plot([], tmp_path / "e.png")
+
+
+def test_coinciding_points_share_one_label(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    labels = []
+    real = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: labels.append(text) or real(self, text, *a, **k))
+    nfe = [figures.NfePoint("diffusion", "dpm_solver++ 10", 11, 0.83),
+           figures.NfePoint("diffusion", "dpm_solver++ (seed) 10", 11, 0.83),
+           figures.NfePoint("diffusion", "ddim 10", 10, 0.83)]
+    figures.dice_nfe_plot(nfe, tmp_path / "n.png")
+    assert labels == ["ddim 10", "dpm_solver++ 10 = dpm_solver++ (seed) 10"]
