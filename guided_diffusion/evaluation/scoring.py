@@ -363,14 +363,20 @@ def table_notes(table: pd.DataFrame) -> list[str]:
     empty = int((table["gt_pixels"] == 0).sum())
     if empty:
         notes.append(f"{empty} ground-truth masks are empty (foreground is > 128; check that masks are stored 0/255)")
+    return notes + coverage_notes(table, "images")
+
+
+def coverage_notes(table: pd.DataFrame, unit: str) -> list[str]:
+    """Notes on the rows (images or cases) left out of a mean: undefined surface distances, missing maps."""
+    notes = []
     undefined = int(table["hd95"].isna().sum())
     if undefined:
-        notes.append(f"hd95/assd undefined (an empty mask) for {undefined} images: "
-                     "NaN in the CSV, left out of their mean")
+        notes.append(f"hd95/assd undefined (an empty mask) for {undefined} {unit}: NaN in the CSV, left out of "
+                     "their mean")
     for m, what in (("ece", "probability"), ("unc_error_dice", "uncertainty")):
         n = int(table[m].notna().sum())
         if 0 < n < len(table):
-            notes.append(f"{what} maps found for {n} of {len(table)} images; {m} is over those only")
+            notes.append(f"{what} maps found for {n} of {len(table)} {unit}; {m} is over those only")
     return notes
 
 

@@ -233,20 +233,14 @@ def evaluate(opts):
 
 def volume_notes(table: pd.DataFrame) -> list[str]:
     """Warnings about empty ground truths, undefined surface distances and affines that differ."""
+    from guided_diffusion.evaluation.scoring import coverage_notes
+
     notes = []
     empty = int((table["gt_voxels"] == 0).sum())
     if empty:
         notes.append(f"{empty} label volumes have no foreground voxel (check --labels)")
-    undefined = int(table["hd95"].isna().sum())
-    if undefined:
-        notes.append(f"hd95/assd undefined (an empty mask) for {undefined} cases: NaN in the CSV, left out of "
-                     "their mean")
     moved = int((~table["affine_matches"]).sum())
     if moved:
         notes.append(f"warning: {moved} predictions have another affine than their label volume (scored voxel by "
                      "voxel; distances use the label's spacing)")
-    for m, what in (("ece", "probability"), ("unc_error_dice", "uncertainty")):
-        n = int(table[m].notna().sum())
-        if 0 < n < len(table):
-            notes.append(f"{what} maps found for {n} of {len(table)} cases; {m} is over those only")
-    return notes
+    return notes + coverage_notes(table, "cases")

@@ -54,6 +54,8 @@ ABLATIONS: dict[str, tuple[str, str]] = {
     "recycle": ("recycling (Fu et al. 2023) instead of self-conditioning", "--self_condition False --recycle True"),
     "tpow1": ("timesteps drawn uniformly (t_power 1)", "--t_power 1"),
     "cosine": ("the cosine schedule", "--noise_schedule cosine"),
+    "lr2e-3": ("the learning rate doubled (2e-3)", "--lr 2e-3"),
+    "batch4": ("batches of 4 (twice the steps in the minutes)", "--batch_size 4"),
 }
 
 

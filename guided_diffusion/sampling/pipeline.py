@@ -463,6 +463,21 @@ def prepare(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: in
     return SamplingJob(cfg, lm, strategy, pairs, todo, writer, device, rank, lock, created, spec)
 
 
+def sample_batch(job: SamplingJob, images: torch.Tensor, seeds: list[int], warmup: int = 0):
+    """The ensemble of one batch, fused, with its uncertainty map and the seconds it took; `warmup` untimed runs
+    first (cuDNN autotuning and torch.compile happen there)."""
+    cfg, lm, strategy, device = job.cfg, job.lm, job.strategy, job.device
+    for _ in range(warmup):
+        with sampling_autocast(cfg.amp, device):
+            fuse(strategy.sample(lm.model, lm.diffusion, images, cfg.num_ensemble, seeds).members, cfg.fusion)
+    with BatchTimer(device) as timer:
+        with sampling_autocast(cfg.amp, device):
+            result = strategy.sample(lm.model, lm.diffusion, images, cfg.num_ensemble, seeds)
+        fused = fuse(result.members, cfg.fusion)
+        spread = uncertainty(result.members, cfg.uncertainty)
+    return result, fused, spread, timer.seconds
+
+
 def run(job: SamplingJob) -> SamplingSummary:
     """Sample, fuse and write every image still to do; the summary over every rank's shard."""
     if job.volume is not None:
@@ -492,17 +507,9 @@ def run(job: SamplingJob) -> SamplingSummary:
                                  f"{lm.model.image_channels}")
             ids = list(batch["id"])
             seeds = [image_seed(cfg.seed, i) for i in ids]
-            for _ in range(warmup):  # untimed: cuDNN autotuning and torch.compile happen here
-                with sampling_autocast(cfg.amp, device):
-                    fuse(strategy.sample(lm.model, lm.diffusion, images, cfg.num_ensemble, seeds).members,
-                         cfg.fusion)
+            result, fused, unc, seconds = sample_batch(job, images, seeds, warmup)
             warmup = 0
-            with BatchTimer(device) as timer:
-                with sampling_autocast(cfg.amp, device):
-                    result = strategy.sample(lm.model, lm.diffusion, images, cfg.num_ensemble, seeds)
-                fused = fuse(result.members, cfg.fusion)
-                unc = uncertainty(result.members, cfg.uncertainty)
-            per_image = timer.seconds / len(ids)
+            per_image = seconds / len(ids)
             total_s += per_image * len(ids)
             nfe, nfe_parts = result.nfe, result.nfe_parts
             for k, image_id in enumerate(ids):

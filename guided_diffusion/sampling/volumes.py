@@ -25,7 +25,6 @@ from guided_diffusion.data import volumes
 from guided_diffusion.fileio import atomic_write
 from guided_diffusion.layout import OVERLAY_DIR, PROB_DIR, UNCERTAINTY_DIR
 from guided_diffusion.progress import progress
-from guided_diffusion.sampling.ensemble import fuse, uncertainty
 from guided_diffusion.sampling.outputs import PredictionWriter, _check_id
 from guided_diffusion.sampling.samplers import image_seed
 
@@ -65,7 +64,7 @@ def _back_to_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def run(job):
     """pipeline.run for BRATS/NIFTI checkpoints: sample every case of this rank's share still to do."""
-    from guided_diffusion.sampling.pipeline import BatchTimer, SamplingSummary, sampling_autocast
+    from guided_diffusion.sampling.pipeline import SamplingSummary, sample_batch
 
     cfg, lm, strategy, device, spec = job.cfg, job.lm, job.strategy, job.device, job.volume
     size = lm.model_cfg.image_size
@@ -95,17 +94,9 @@ def run(job):
                 chosen = inside[start:start + cfg.batch_size]
                 batch = images[chosen].to(device)
                 seeds = [image_seed(cfg.seed, f"{case.id}@{s}") for s in chosen]
-                for _ in range(warmup):  # untimed: cuDNN autotuning and torch.compile happen here
-                    with sampling_autocast(cfg.amp, device):
-                        fuse(strategy.sample(lm.model, lm.diffusion, batch, cfg.num_ensemble, seeds).members,
-                             cfg.fusion)
+                result, fused, spread, took = sample_batch(job, batch, seeds, warmup)
                 warmup = 0
-                with BatchTimer(device) as timer:
-                    with sampling_autocast(cfg.amp, device):
-                        result = strategy.sample(lm.model, lm.diffusion, batch, cfg.num_ensemble, seeds)
-                    fused = fuse(result.members, cfg.fusion)
-                    spread = uncertainty(result.members, cfg.uncertainty)
-                seconds += timer.seconds
+                seconds += took
                 nfe, nfe_parts = result.nfe, result.nfe_parts
                 prob[chosen], unc[chosen] = fused.float().cpu(), spread.float().cpu()
             orig = tuple(volumes.to_slices(volume.image[0], spec.slice_axis).shape[1:])
