@@ -216,16 +216,7 @@ def pair_predictions(pred_dir: Path, gt: dict[str, Path], isic: bool, allow_miss
     if same:
         raise EvaluationError(f"--inp_pth {pred_dir} holds the ground truth itself ({gt[same[0]]} is its own "
                               "prediction): give the folder of predicted masks")
-    missing = sorted(set(gt) - set(preds))
-    notes = []
-    if missing and not allow_missing:
-        raise EvaluationError(f"{len(missing)} ground truths have no prediction in {pred_dir}: {_id_list(missing)} "
-                              "(--allow_missing scores them as empty masks)")
-    if missing:
-        notes.append(f"warning: {len(missing)} ground truths have no prediction, scored as empty masks: "
-                     f"{_id_list(missing)}")
-    if ignored:
-        notes.append(f"{len(ignored)} predictions without ground truth ignored: {_id_list(ignored)}")
+    notes = unpaired_notes(gt, preds, ignored, pred_dir, allow_missing)
     items = [_item(pred_dir, k, gt[k], preds.get(k)) for k in sorted(gt)]
     return Pairing(items=items, ignored=ignored, notes=notes)
 
@@ -251,6 +242,22 @@ def pair(opts: EvalOptions) -> Pairing:
     pairing = pair_predictions(opts.inp_pth, gt, isic, opts.allow_missing)
     pairing.notes[:0] = notes
     return pairing
+
+
+def unpaired_notes(gt: dict, preds: dict, ignored: list, pred_dir: Path, allow_missing: bool) -> list[str]:
+    """Ground truths without a prediction (an error unless --allow_missing) and predictions without a ground truth,
+    as notes (images or volumes alike)."""
+    missing = sorted(set(gt) - set(preds))
+    notes = []
+    if missing and not allow_missing:
+        raise EvaluationError(f"{len(missing)} ground truths have no prediction in {pred_dir}: {_id_list(missing)} "
+                              "(--allow_missing scores them as empty masks)")
+    if missing:
+        notes.append(f"warning: {len(missing)} ground truths have no prediction, scored as empty masks: "
+                     f"{_id_list(missing)}")
+    if ignored:
+        notes.append(f"{len(ignored)} predictions without ground truth ignored: {_id_list(ignored)}")
+    return notes
 
 
 def _same_folder(a: Path, b: Path) -> bool:

@@ -110,7 +110,7 @@ def recorded_labels(inp_pth: Path) -> str | None:
 
 def pair_cases(opts) -> tuple[list[tuple[str, Path, Path | None]], list[str], list[str]]:
     """(case, label file, prediction or None) for every ground truth, the ignored prediction names, notes."""
-    from guided_diffusion.evaluation.scoring import EvaluationError, _id_list
+    from guided_diffusion.evaluation.scoring import EvaluationError, _id_list, unpaired_notes
 
     pred_dir = Path(opts.inp_pth)
     if not pred_dir.is_dir():
@@ -127,15 +127,7 @@ def pair_cases(opts) -> tuple[list[tuple[str, Path, Path | None]], list[str], li
     if len(ignored) == len(preds):
         raise EvaluationError(f"nothing to pair: no prediction in {pred_dir} has a ground-truth case id "
                               f"(predictions: {_id_list(list(preds))}; ground truth: {_id_list(list(gt))})")
-    missing = sorted(set(gt) - set(preds))
-    if missing and not opts.allow_missing:
-        raise EvaluationError(f"{len(missing)} ground truths have no prediction in {pred_dir}: {_id_list(missing)} "
-                              "(--allow_missing scores them as empty masks)")
-    if missing:
-        notes.append(f"warning: {len(missing)} ground truths have no prediction, scored as empty masks: "
-                     f"{_id_list(missing)}")
-    if ignored:
-        notes.append(f"{len(ignored)} predictions without ground truth ignored: {_id_list(ignored)}")
+    notes += unpaired_notes(gt, preds, ignored, pred_dir, opts.allow_missing)
     return [(k, gt[k], preds.get(k)) for k in sorted(gt)], ignored, notes
 
 
