@@ -19,6 +19,7 @@ from guided_diffusion.cli import run_cli  # noqa: E402
 from guided_diffusion.evaluation.scoring import (DEFAULT_CSV, DEFAULT_JSON, EvalOptions, evaluate,  # noqa: E402
                                                  format_table)
 from guided_diffusion.config import str2bool  # noqa: E402
+from guided_diffusion.data.datasets import DATA_NAMES  # noqa: E402
 
 
 def bounded(kind: type, low: float, high: float, closed_high: bool = True):
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "<case>.nii.gz)")
     p.add_argument("--out_pth", type=Path, help="folder of ground-truth masks (the seed's form; or of NIfTI label "
                                                 "volumes, scored per case in 3-D)")
-    p.add_argument("--data_name", type=str.upper, choices=["ISIC", "KVASIR", "FOLDER", "SYNTHETIC", "BRATS", "NIFTI"],
+    p.add_argument("--data_name", type=str.upper, choices=DATA_NAMES,
                    help="take ground truth from this data set's layout and split instead of --out_pth (BRATS, "
                         "NIFTI: label volumes, scored per case in 3-D with HD95/ASSD in mm)")
     p.add_argument("--data_dir", type=Path, help="data set root for --data_name")

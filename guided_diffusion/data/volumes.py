@@ -244,6 +244,11 @@ def parse_labels(spec: str) -> tuple[int, ...]:
     return labels
 
 
+def foreground_text(labels: tuple[int, ...]) -> str:
+    """What the foreground is, in words: 'label > 0' or 'label in {1, 4}'."""
+    return "label > 0" if not labels else "label in {" + ", ".join(map(str, labels)) + "}"
+
+
 def parse_percentiles(spec: str) -> tuple[float, float]:
     """'--norm_percentiles 0.5,99.5' -> (0.5, 99.5), 0 <= low < high <= 100."""
     try:
@@ -295,7 +300,7 @@ class VolumeSpec:
 
     @property
     def foreground(self) -> str:
-        return "label > 0" if not self.labels else "label in {" + ", ".join(map(str, self.labels)) + "}"
+        return foreground_text(self.labels)
 
     def record(self) -> dict:
         """What the prediction folder's sampling.json records of the volumes' settings."""
@@ -547,8 +552,7 @@ class VolumeSliceDataset(Dataset):
         keep = [s for s in range(images.shape[0]) if bool(inside[s] or nonempty[s])
                 and keep_slice(case.id, s, bool(nonempty[s]), self.spec.skip_empty)]
         orig = tuple(int(v) for v in to_slices(volume.mask, self.spec.slice_axis).shape[1:])
-        return images[keep].half(), masks[keep].to(torch.uint8), [(case.id, s, orig) for s in keep], \
-            int(volume.mask.sum())
+        return images[keep].half(), masks[keep].to(torch.uint8), [(case.id, s, orig) for s in keep]
 
     def load(self, progress: bool = True, log=print) -> int:
         """Read, normalise and slice every case (threads in parallel); returns the bytes held. All training masks

@@ -110,7 +110,7 @@ def recorded_labels(inp_pth: Path) -> str | None:
 
 def pair_cases(opts) -> tuple[list[tuple[str, Path, Path | None]], list[str], list[str]]:
     """(case, label file, prediction or None) for every ground truth, the ignored prediction names, notes."""
-    from guided_diffusion.evaluation.scoring import EvaluationError, _id_list, unpaired_notes
+    from guided_diffusion.evaluation.scoring import EvaluationError, _id_list, _same_folder, unpaired_notes
 
     pred_dir = Path(opts.inp_pth)
     if not pred_dir.is_dir():
@@ -119,7 +119,7 @@ def pair_cases(opts) -> tuple[list[tuple[str, Path, Path | None]], list[str], li
     preds = {volumes.nifti_stem(p): p for p in volumes.nifti_files(pred_dir)}
     if not preds:
         raise EvaluationError(f"--inp_pth: no predicted volumes (<case>.nii.gz) in {pred_dir}")
-    same = [k for k in preds if k in gt and _same(preds[k], gt[k])]
+    same = [k for k in preds if k in gt and _same_folder(preds[k], gt[k])]
     if same:
         raise EvaluationError(f"--inp_pth {pred_dir} holds the ground truth itself ({gt[same[0]]} is its own "
                               "prediction): give the folder of predicted masks")
@@ -129,13 +129,6 @@ def pair_cases(opts) -> tuple[list[tuple[str, Path, Path | None]], list[str], li
                               f"(predictions: {_id_list(list(preds))}; ground truth: {_id_list(list(gt))})")
     notes += unpaired_notes(gt, preds, ignored, pred_dir, opts.allow_missing)
     return [(k, gt[k], preds.get(k)) for k in sorted(gt)], ignored, notes
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------- scoring
@@ -194,18 +187,18 @@ def score_case(case: str, gt_path: Path, pred_path: Path | None, labels: tuple[i
 
 def evaluate(opts):
     """scoring.evaluate for volumes: pair cases, score each in 3-D, summarise, write the CSV and JSON."""
-    from guided_diffusion.evaluation.scoring import (EvalResult, EvaluationError, Pairing, build_summary,
-                                                     output_paths, write_reports)
+    from guided_diffusion.evaluation.scoring import (EvalResult, EvaluationError, Pairing, _same_folder,
+                                                     build_summary, output_paths, write_reports)
 
     if (opts.out_pth is None) == (opts.data_name is None):
         raise EvaluationError("give the ground truth as either --out_pth LABEL_DIR or --data_name NAME --data_dir DIR")
-    if opts.out_pth is not None and _same(opts.inp_pth, opts.out_pth):
+    if opts.out_pth is not None and _same_folder(opts.inp_pth, opts.out_pth):
         raise EvaluationError(f"--inp_pth and --out_pth are the same folder ({opts.inp_pth}): the predictions would be "
                               "scored against themselves; --out_pth is the folder of label volumes")
     items, ignored, notes = pair_cases(opts)
     spec = opts.labels if opts.labels is not None else recorded_labels(opts.inp_pth)
     labels = volumes.parse_labels(spec or "")
-    foreground = "label > 0" if not labels else "label in {" + ", ".join(map(str, labels)) + "}"
+    foreground = volumes.foreground_text(labels)
     notes.insert(0, f"foreground: {foreground}" + (" (--labels)" if opts.labels is not None else
                                                    " (as sampled, sampling.json)" if spec is not None else ""))
     show = opts.progress and len(items) >= PROGRESS_MIN_CASES

@@ -86,13 +86,18 @@ def resize_prob(prob: Tensor, size: tuple[int, int]) -> Tensor:
         prob = torch.as_tensor(np.asarray(prob))
     if prob.dim() != 2:
         raise ValueError(f"resize_prob needs an (H, W) map, got shape {tuple(prob.shape)}")
+    return resize_probs(prob[None], size)[0]
+
+
+def resize_probs(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """resize_prob of a stack of (S, H, W) maps (a volume's slices) in one call."""
     h0, w0 = int(size[0]), int(size[1])
-    x = prob.float()
-    if tuple(x.shape) == (h0, w0):
+    x = maps.float()
+    if tuple(x.shape[-2:]) == (h0, w0):
         return x.clamp(0.0, 1.0)
-    shrink = h0 < x.shape[0] or w0 < x.shape[1]
-    y = F.interpolate(x[None, None], size=(h0, w0), mode="bilinear", align_corners=False, antialias=shrink)
-    return y[0, 0].clamp(0.0, 1.0)
+    shrink = h0 < x.shape[-2] or w0 < x.shape[-1]
+    y = F.interpolate(x[:, None], size=(h0, w0), mode="bilinear", align_corners=False, antialias=shrink)
+    return y[:, 0].clamp(0.0, 1.0)
 
 
 def _erode(mask: np.ndarray, radius: int) -> np.ndarray:

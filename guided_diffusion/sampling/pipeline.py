@@ -389,6 +389,16 @@ class SamplingJob:
     created: outputs.NewFiles | None = None
     volume: object | None = None  # BRATS/NIFTI: the checkpoint's data/volumes.VolumeSpec (pairs are its cases)
 
+    def record_base(self) -> dict:
+        """The manifest columns every image (or case) of this job shares."""
+        cfg, strategy = self.cfg, self.strategy
+        return {"sampler": strategy.label, "steps": strategy.steps, "num_ensemble": cfg.num_ensemble,
+                "fusion": cfg.fusion, "split": cfg.split, **strategy.record()}
+
+    def warmup_runs(self) -> int:
+        """Untimed runs of the first batch: --warmup, or by default one on CUDA and none elsewhere."""
+        return self.cfg.warmup if self.cfg.warmup >= 0 else int(self.device.type == "cuda")
+
     def finish(self, failed: bool) -> None:
         """Write the manifest and release the folder; after a failure before any mask was written, remove the
         files this run created (a new folder goes again)."""
@@ -489,9 +499,7 @@ def run(job: SamplingJob) -> SamplingSummary:
                         num_workers=distributed.loader_workers(cfg.num_workers, log=print if main else lambda _: None),
                         pin_memory=device.type == "cuda")
     by_id = {p.id: p for p in job.pairs}
-    record_base = {"sampler": strategy.label, "steps": strategy.steps, "num_ensemble": cfg.num_ensemble,
-                   "fusion": cfg.fusion, "split": cfg.split, **strategy.record()}
-    warmup = cfg.warmup if cfg.warmup >= 0 else int(device.type == "cuda")
+    record_base, warmup = job.record_base(), job.warmup_runs()
     total_s, nfe, nfe_parts = 0.0, 0, {}
     if main and len(job.todo) < len(job.pairs):
         print(f"{len(job.pairs) - len(job.todo)} of {len(job.pairs)} images already in {cfg.out_dir} with these "

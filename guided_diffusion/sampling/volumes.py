@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from guided_diffusion import distributed
 from guided_diffusion.data import volumes
 from guided_diffusion.fileio import atomic_write
 from guided_diffusion.layout import OVERLAY_DIR, PROB_DIR, UNCERTAINTY_DIR
 from guided_diffusion.progress import progress
-from guided_diffusion.sampling.outputs import PredictionWriter, _check_id
+from guided_diffusion.sampling.outputs import PredictionWriter, _check_id, resize_probs
 from guided_diffusion.sampling.samplers import image_seed
 
 SUFFIX = ".nii.gz"
@@ -53,24 +52,13 @@ class VolumeWriter(PredictionWriter):
         self._append(row)
 
 
-def _back_to_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(S, H, W) maps to (S, a, b), bilinear (antialiased when shrinking), clamped to [0, 1]."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps.clamp(0.0, 1.0)
-    shrink = size[0] < maps.shape[-2] or size[1] < maps.shape[-1]
-    out = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False, antialias=shrink)
-    return out[:, 0].clamp(0.0, 1.0)
-
-
 def run(job):
     """pipeline.run for BRATS/NIFTI checkpoints: sample every case of this rank's share still to do."""
     from guided_diffusion.sampling.pipeline import SamplingSummary, sample_batch
 
     cfg, lm, strategy, device, spec = job.cfg, job.lm, job.strategy, job.device, job.volume
     size = lm.model_cfg.image_size
-    record_base = {"sampler": strategy.label, "steps": strategy.steps, "num_ensemble": cfg.num_ensemble,
-                   "fusion": cfg.fusion, "split": cfg.split, **strategy.record()}
-    warmup = cfg.warmup if cfg.warmup >= 0 else int(device.type == "cuda")
+    record_base, warmup = job.record_base(), job.warmup_runs()
     total_s, nfe, nfe_parts, slices_done = 0.0, 0, {}, 0
     main = job.rank == 0
     if main and len(job.todo) < len(job.pairs):
@@ -100,8 +88,8 @@ def run(job):
                 nfe, nfe_parts = result.nfe, result.nfe_parts
                 prob[chosen], unc[chosen] = fused.float().cpu(), spread.float().cpu()
             orig = tuple(volumes.to_slices(volume.image[0], spec.slice_axis).shape[1:])
-            prob_vol = volumes.from_slices(_back_to_size(prob, orig).numpy(), spec.slice_axis)
-            unc_vol = volumes.from_slices(_back_to_size(unc, orig).numpy(), spec.slice_axis)
+            prob_vol = volumes.from_slices(resize_probs(prob, orig).numpy(), spec.slice_axis)
+            unc_vol = volumes.from_slices(resize_probs(unc, orig).numpy(), spec.slice_axis)
             job.writer.write_volume(case.id, prob_vol, unc_vol, volume.source,
                                     record={**record_base, "id": case.id, "nfe": nfe,
                                             **{f"nfe_{part}": n for part, n in nfe_parts.items()},
