@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measures the README's GPU targets in one run (about 8 minutes on one H100/H200): training images/s of the
+# Measures the README's GPU targets in one run (about 10.5 minutes on one H200, 2026-12-04): training images/s of the
 # seed's 256² configuration under each speed option, the loader's supply rate, and the seconds per image of a
 # 5-member DPM-Solver++ 20-step ensemble, eager and compiled. Built-in synthetic data; the model for the sampling
 # rows is trained for one step (latency does not depend on the weights).
@@ -7,7 +7,9 @@
 #   bash scripts/gpu_targets.sh [REPORT_DIR]          # reports (markdown tables and a log) go to REPORT_DIR
 #
 # Environment: PYTHON (python3), WORK (scratch folder, /tmp/gpu_targets), DEVICE (cuda), SIZE (256),
-# WIDTH (128), BATCH (16), WORKERS (8), STEPS (timed training steps, 15), IMAGES (sampled test images, 24).
+# WIDTH (128), BATCH (16), WORKERS (8), STEPS (timed training steps, 15), IMAGES (sampled test images, 24),
+# PARTS (train,sample: both halves; under a 10-minute limit per command run PARTS=train, then PARTS=sample, each
+# about 5.5 minutes).
 # A CPU dry run of the whole flow: DEVICE=cpu SIZE=16 WIDTH=8 BATCH=2 WORKERS=0 STEPS=1 IMAGES=2 bash scripts/gpu_targets.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,7 @@ BATCH=${BATCH:-16}
 WORKERS=${WORKERS:-8}
 STEPS=${STEPS:-15}
 IMAGES=${IMAGES:-24}
+PARTS=${PARTS:-train,sample}
 export PYTHONUNBUFFERED=1
 mkdir -p "$WORK" "$REPORT"
 LOG="$REPORT/gpu_targets.log"
@@ -41,6 +44,7 @@ step() {  # step NAME COMMAND...: run it, log it, keep going when it fails (late
 { "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true; } | tee -a "$LOG"
 
+if [[ ",$PARTS," == *,train,* ]]; then
 # 1. the model's own speed (one batch kept on the device) under each option, and the loader alone
 step train-options "$PY" scripts/benchmark_train.py "${DATA[@]}" "${NET[@]}" --batch_size "$BATCH" \
   --num_workers "$WORKERS" --device "$DEVICE" --warmup 3 --steps "$STEPS" --data memory,loader_only \
@@ -52,6 +56,9 @@ step train-compile "$PY" scripts/benchmark_train.py "${DATA[@]}" "${NET[@]}" --b
   --num_workers "$WORKERS" --device "$DEVICE" --warmup 5 --steps "$STEPS" --data loader \
   --variants "$FAST,$FAST+compile" --out_dir "$WORK/train_compile"
 cp "$WORK/train_compile/benchmark_train.md" "$REPORT/train_compile.md" 2>/dev/null || true
+fi
+
+if [[ ",$PARTS," == *,sample,* ]]; then
 
 # 3. 5-member DPM-Solver++ 20 steps: eager bf16, then compiled + channels_last
 step checkpoint "$PY" scripts/segmentation_train.py "${DATA[@]}" "${NET[@]}" --out_dir "$WORK/model" \
@@ -64,4 +71,5 @@ for mode in eager compiled; do
     --max_images "$IMAGES" --device "$DEVICE" "${extra[@]}"
   cp "$WORK/sample_$mode/benchmark.md" "$REPORT/sample_$mode.md" 2>/dev/null || true
 done
+fi
 echo "reports in $REPORT: $(ls "$REPORT" | tr '\n' ' ')"
