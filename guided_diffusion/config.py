@@ -44,8 +44,12 @@ class ModelConfig:
     image_concat: bool = field(default=False, metadata={"help": "also give the mask path the image itself, beside x_t "
                                                                 "(besides the image encoder's fused features)"})
     network: str = field(default="medsegdiff", metadata={"help": "medsegdiff (MedSegDiff's UNet: image encoder, "
-                                                                 "dynamic conditional fusion, FF-Parser) or unet (a "
-                                                                 "plain UNet on [x_t, image], the baseline's backbone)"})
+                                                                 "dynamic conditional fusion, FF-Parser), unet (a "
+                                                                 "plain UNet on [x_t, image], the baseline's "
+                                                                 "backbone) or decoupled (the baseline's UNet on the "
+                                                                 "image, once per image, and a light mask head run "
+                                                                 "at every step)"})
+    head_blocks: int = field(default=2, metadata={"help": "--network decoupled: residual blocks of the mask head"})
 
 
 @dataclass
@@ -170,7 +174,7 @@ class TrainConfig(RunConfig):
 
 # The recipes behind --preset: values for flags the user did not give (measured in the README's "Quality" section).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(network="medsegdiff", image_concat=True, num_channels=16, num_res_blocks=1, attention_resolutions="",
+    "cpu": dict(network="decoupled", image_concat=False, num_channels=16, num_res_blocks=1, attention_resolutions="",
                 learn_sigma=False, prediction="x0", x0_tanh=True, mask_scale=0.1, self_condition=True, mask_loss_weight=1.0,
                 t_power=0.5, batch_size=8, lr=1e-3, ema_rate=0.995, num_workers=0, save_interval=1000,
                 log_interval=50),
@@ -250,6 +254,9 @@ def parse_int_list(spec: str, flag: str) -> tuple[int, ...]:
         raise ValueError(f"{flag} must be comma-separated integers, got {spec!r}") from None
 
 
+NETWORKS = ("medsegdiff", "unet", "decoupled")
+
+
 def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
     """Catch impossible settings before any work starts."""
     if model.class_cond:
@@ -264,10 +271,13 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
         raise ValueError(f"--noise_schedule must be linear or cosine, got {diffusion.noise_schedule!r}")
     if diffusion.diffusion_steps < 2:
         raise ValueError(f"--diffusion_steps must be >= 2, got {diffusion.diffusion_steps}")
-    if model.network not in ("medsegdiff", "unet"):
-        raise ValueError(f"--network must be medsegdiff or unet, got {model.network!r}")
-    if model.network == "unet" and model.image_concat:
-        raise ValueError("--image_concat is for --network medsegdiff: --network unet always concatenates the image")
+    if model.network not in NETWORKS:
+        raise ValueError(f"--network must be {', '.join(NETWORKS[:-1])} or {NETWORKS[-1]}, got {model.network!r}")
+    if model.network != "medsegdiff" and model.image_concat:
+        raise ValueError(f"--image_concat is for --network medsegdiff: --network {model.network} always gives the "
+                         f"image to its first layer")
+    if model.head_blocks < 1:
+        raise ValueError(f"--head_blocks must be >= 1, got {model.head_blocks}")
     if diffusion.prediction not in ("eps", "x0", "v"):
         raise ValueError(f"--prediction must be eps, x0 or v, got {diffusion.prediction!r}")
     if diffusion.x0_tanh and diffusion.prediction != "x0":
@@ -296,7 +306,8 @@ def check_attention_resolutions(model: ModelConfig) -> None:
 
 
 def create_model(model: ModelConfig, diffusion: DiffusionConfig):
-    """The one model factory: a MedSegDiffUNet (or, with --network unet, a ConcatUNet) from the configs."""
+    """The one model factory: a MedSegDiffUNet (--network unet: a ConcatUNet; decoupled: a DecoupledUNet)."""
+    from guided_diffusion.network.decoupled import DecoupledUNet
     from guided_diffusion.network.unet import (ConcatUNet, MedSegDiffUNet, default_channel_mult,
                                                parse_attention_resolutions)
 
@@ -309,6 +320,12 @@ def create_model(model: ModelConfig, diffusion: DiffusionConfig):
                           num_res_blocks=model.num_res_blocks, channel_mult=mult, dropout=model.dropout,
                           learn_sigma=diffusion.learn_sigma, self_condition=diffusion.self_condition,
                           x0_tanh_scale=x0_tanh)
+    if model.network == "decoupled":
+        return DecoupledUNet(image_size=model.image_size, model_channels=model.num_channels,
+                             image_channels=image_channels, num_res_blocks=model.num_res_blocks, channel_mult=mult,
+                             dropout=model.dropout, learn_sigma=diffusion.learn_sigma,
+                             self_condition=diffusion.self_condition, x0_tanh_scale=x0_tanh,
+                             head_blocks=model.head_blocks)
     return MedSegDiffUNet(
         image_size=model.image_size,
         model_channels=model.num_channels,

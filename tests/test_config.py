@@ -51,7 +51,8 @@ def test_a_checkpoint_from_before_the_new_fields_samples_as_an_eps_model(trained
     ckpt = torch.load(next(run.glob("model_*.pt")), map_location="cpu", weights_only=True)
     for key in ("prediction", "predict_xstart", "mask_scale", "self_condition"):
         ckpt["config"]["diffusion"].pop(key)
-    ckpt["config"]["model"].pop("image_concat")
+    for key in ("image_concat", "head_blocks"):
+        ckpt["config"]["model"].pop(key)
     for key in ("mask_loss_weight", "mse_weight", "self_condition_rate", "recycle", "t_power", "preset",
                 "max_minutes"):
         ckpt["config"]["train"].pop(key)

@@ -97,7 +97,11 @@ class AuxUNet(nn.Module):
         return self.time_embed(timestep_embedding(t, self.width).to(self.conv_in.weight.dtype))
 
     def _unet(self, h: Tensor, emb: Tensor | None) -> Tensor:
-        """The UNet body on the stacked inputs: logits (B, 1, H, W)."""
+        """The UNet body on the stacked inputs: logits (B, out_channels, H, W)."""
+        return self.out(self.features(h, emb))
+
+    def features(self, h: Tensor, emb: Tensor | None) -> Tensor:
+        """The last decoder level's feature map (B, num_channels * mult[0], H, W), before the output head."""
         if h.shape[-1] % self.size_multiple or h.shape[-2] % self.size_multiple:
             raise ValueError(f"input size {tuple(h.shape[-2:])} must be divisible by {self.size_multiple}")
         h = self.conv_in(h.to(self.conv_in.weight.dtype))
@@ -113,7 +117,7 @@ class AuxUNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
             if k < len(self.ups):
                 h = self.ups[k](h)
-        return self.out(h)
+        return h
 
 
 class PresegNet(AuxUNet):

@@ -420,11 +420,13 @@ class MedSegDiffUNet(nn.Module):
                 f"condition size {tuple(cond.features[0].shape[-2:])} != x size {tuple(x.shape[-2:])}"
             )
         emb = self._embed(timesteps, x.shape[0], y)
+        out = self._denoise(x, emb, cond, self_condition_input(x, self.self_condition, self_cond))
+        return (out, cond.calib_logits) if return_calib else out
 
-        if self.self_condition:
-            x = torch.cat([x, torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype)], dim=1)
-        elif self_cond is not None:
-            raise ValueError("self_cond was given but the model is not self-conditioned (--self_condition False)")
+    def _denoise(self, x: Tensor, emb: Tensor, cond: Condition, fed: Tensor | None) -> Tensor:
+        """The mask path on x_t (and the self-conditioning input `fed`, and the image with image_concat)."""
+        if fed is not None:
+            x = torch.cat([x, fed], dim=1)
         if self.image_concat:
             x = torch.cat([x, cond.image.to(x.dtype)], dim=1)
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
@@ -443,8 +445,18 @@ class MedSegDiffUNet(nn.Module):
         h = self.middle_res2(self.middle_attn(self.middle_res1(h, emb)), emb)
         for block in self.dec_blocks:
             h = block(h, skips.pop(), emb)
-        out = bounded_output(self.out(h), self.mask_channels, self.x0_tanh_scale)
-        return (out, cond.calib_logits) if return_calib else out
+        return bounded_output(self.out(h), self.mask_channels, self.x0_tanh_scale)
+
+
+def self_condition_input(x: Tensor, self_condition: bool, self_cond: Tensor | None) -> Tensor | None:
+    """The self-conditioning input a network takes beside x_t (Chen, Zhang, Hinton 2022, "Analog Bits", §3): None
+    for a network without self-conditioning (then self_cond must be None), zeros for self_cond None (a chain's first
+    step), else self_cond (the previous x0 estimate / b)."""
+    if not self_condition:
+        if self_cond is not None:
+            raise ValueError("self_cond was given but the model is not self-conditioned (--self_condition False)")
+        return None
+    return torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype)
 
 
 def bounded_output(out: Tensor, channels: int, scale: float | None) -> Tensor:
@@ -529,12 +541,8 @@ class ConcatUNet(nn.Module):
         if y is not None:
             raise ValueError("y was given but the model has no class conditioning")
         cond = self.encode_condition(image) if cond is None else cond
-        parts = [x]
-        if self.self_condition:
-            parts.append(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))
-        elif self_cond is not None:
-            raise ValueError("self_cond was given but the model is not self-conditioned (--self_condition False)")
-        h = torch.cat([*parts, cond.image.to(x.dtype)], dim=1)
+        fed = self_condition_input(x, self.self_condition, self_cond)
+        h = torch.cat([x] + ([fed] if fed is not None else []) + [cond.image.to(x.dtype)], dim=1)
         out = bounded_output(self.body._unet(h, self.body._embed(timesteps, x.shape[0])), self.mask_channels,
                              self.x0_tanh_scale)
         return (out, None) if return_calib else out

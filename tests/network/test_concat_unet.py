@@ -37,7 +37,7 @@ def test_outputs_and_the_inputs_it_looks_at(learn_sigma, self_condition):
 def test_factory_builds_it_and_checks_its_flags():
     net = create_model(ModelConfig(image_size=16, num_channels=8, network="unet"), DiffusionConfig(learn_sigma=False))
     assert isinstance(net, ConcatUNet) and net.out_channels == 1
-    with pytest.raises(ValueError, match="--network must be medsegdiff or unet"):
+    with pytest.raises(ValueError, match="--network must be medsegdiff, unet or decoupled"):
         create_model(ModelConfig(image_size=16, network="transformer"), DiffusionConfig())
     with pytest.raises(ValueError, match="--image_concat is for --network medsegdiff"):
         create_model(ModelConfig(image_size=16, network="unet", image_concat=True), DiffusionConfig())
@@ -57,6 +57,7 @@ def test_x0_tanh_bounds_the_x0_channel_to_the_mask_range_and_keeps_the_variance_
                          DiffusionConfig(prediction="x0", learn_sigma=True, mask_scale=0.2))
     bounded = create_model(ModelConfig(image_size=16, num_channels=8, network=network),
                            DiffusionConfig(prediction="x0", learn_sigma=True, mask_scale=0.2, x0_tanh=True))
+    torch.manual_seed(0)
     for prm in plain.parameters():
         torch.nn.init.normal_(prm, std=0.5)
     plain.eval()
@@ -67,7 +68,7 @@ def test_x0_tanh_bounds_the_x0_channel_to_the_mask_range_and_keeps_the_variance_
         raw, out = plain(x, t, image=image), bounded(x, t, image=image)
     torch.testing.assert_close(out[:, :1], 0.2 * torch.tanh(raw[:, :1]))
     torch.testing.assert_close(out[:, 1:], raw[:, 1:])
-    assert out[:, :1].abs().max() < 0.2 and raw[:, :1].abs().max() > 0.2
+    assert out[:, :1].abs().max() <= 0.2 and raw[:, :1].abs().max() > 0.2  # (tanh may round to 1 in float32)
     assert bounded_output(raw, 1, None) is raw
     with pytest.raises(ValueError, match="--x0_tanh True bounds an x0 prediction"):
         create_model(ModelConfig(image_size=16), DiffusionConfig(prediction="v", x0_tanh=True))

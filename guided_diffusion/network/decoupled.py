@@ -1,0 +1,98 @@
+"""--network decoupled: a time-free image UNet run once per image and a light, time-conditioned mask head run at
+every diffusion step.
+
+Ji et al. 2023, "DDP: Diffusion Model for Dense Visual Prediction" (ICCV; arXiv:2303.17559), §3.1: the image
+encoder sees neither t nor the noisy map, so it runs once; only a light decoder on [noisy map, image features] is
+iterated. Here the image UNet is the plain-UNet baseline's backbone (aux_nets.AuxUNet) and its output convolution is
+the calibration head (MedSegDiff's one-pass pre-segmentation, trained with Dice + BCE). The mask head sees x_t, the
+self-conditioning input, the calibration logit and the backbone's last feature map, and refines that logit: with a
+bounded x0 prediction (--x0_tanh True) its output is added to half the calibration logit,
+
+    x0 = b tanh(calib / 2 + head),   foreground probability sigmoid(calib + 2 head),
+
+so a new head (zero-initialised output) returns the calibration head's mask, and the chain corrects it (a diffusion
+refiner of a one-pass mask, as in SegRefiner, Wang et al. 2023, arXiv:2310.16181). Other targets (eps, v, an
+unbounded x0) take the head's output as the prediction itself.
+
+Cost: a training step is one backbone pass and one head pass with gradients, plus one head pass without them on
+self-conditioned (and recycled) steps, which reuse the step's image encoding; a K-step chain is one backbone pass
+and K head passes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from guided_diffusion.network.aux_nets import AuxNetConfig, AuxUNet
+from guided_diffusion.network.nn import ResBlock, normalization, timestep_embedding, zero_module
+from guided_diffusion.network.unet import Condition, default_channel_mult, self_condition_input
+
+__all__ = ["DecoupledUNet"]
+
+
+class DecoupledUNet(nn.Module):
+    """Conditional denoiser with the image path computed once (`encode_condition`) and a light per-step head.
+
+    The same call interface as MedSegDiffUNet: forward(x_t, timesteps, image= or cond=, return_calib=,
+    self_cond=); `Condition.features` holds the backbone's last feature map, `calib_logits` its one-pass logits.
+    """
+
+    def __init__(self, *, image_size: int, model_channels: int, num_res_blocks: int = 1,
+                 channel_mult: tuple[int, ...] | None = None, dropout: float = 0.0, learn_sigma: bool = False,
+                 image_channels: int = 3, mask_channels: int = 1, self_condition: bool = False,
+                 x0_tanh_scale: float | None = None, head_blocks: int = 2) -> None:
+        super().__init__()
+        mult = tuple(channel_mult or default_channel_mult(image_size))
+        if head_blocks < 1:
+            raise ValueError(f"head_blocks must be >= 1, got {head_blocks}")
+        cfg = AuxNetConfig(image_size=image_size, num_channels=model_channels, num_res_blocks=num_res_blocks,
+                           channel_mult=",".join(str(m) for m in mult), dropout=dropout)
+        self.image_size, self.image_channels, self.mask_channels = image_size, image_channels, mask_channels
+        self.model_channels = model_channels
+        self.self_condition, self.learn_sigma, self.x0_tanh_scale = self_condition, learn_sigma, x0_tanh_scale
+        self.out_channels = mask_channels * (2 if learn_sigma else 1)
+        self.backbone = AuxUNet(cfg, image_channels, image_channels, timed=False, out_channels=mask_channels)
+        width, emb = model_channels * mult[0], 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        in_channels = mask_channels * (3 if self_condition else 2) + width  # x_t [, x0 estimate], calib, features
+        self.head_in = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.head = nn.ModuleList([ResBlock(width, width, emb, dropout) for _ in range(head_blocks)])
+        self.head_out = nn.Sequential(normalization(width), nn.SiLU(),
+                                      zero_module(nn.Conv2d(width, self.out_channels, 3, padding=1)))
+
+    def encode_condition(self, image: Tensor) -> Condition:
+        """Image (B, C, H, W) in [0, 1] -> the backbone's last feature map and calibration logits (once per image)."""
+        if image.ndim != 4 or image.shape[1] != self.image_channels:
+            raise ValueError(f"image must be (B, {self.image_channels}, H, W) in [0, 1], got {tuple(image.shape)}")
+        weight = self.backbone.conv_in.weight
+        features = self.backbone.features((image.to(weight.dtype) - 0.5) / 0.5, None)
+        return Condition([features], self.backbone.out(features))
+
+    def forward(self, x: Tensor, timesteps: Tensor, image: Tensor | None = None, cond: Condition | None = None,
+                y: Tensor | None = None, return_calib: bool = False, self_cond=None):
+        """The diffusion target (and the variance value when learn_sigma) for x_t; see MedSegDiffUNet.forward."""
+        if (image is None) == (cond is None):
+            raise ValueError("pass exactly one of image= or cond=")
+        if y is not None:
+            raise ValueError("y was given but the model has no class conditioning")
+        if x.ndim != 4 or x.shape[1] != self.mask_channels:
+            raise ValueError(f"x must be (B, {self.mask_channels}, H, W), got {tuple(x.shape)}")
+        cond = self.encode_condition(image) if cond is None else cond
+        if cond.batch_size != x.shape[0] or cond.features[0].shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"condition {tuple(cond.calib_logits.shape)} does not match x {tuple(x.shape)} "
+                             f"(use Condition.repeat_interleave for ensembles)")
+        t = torch.as_tensor(timesteps, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.head_in.weight.dtype))
+        calib, features = cond.calib_logits, cond.features[0]
+        fed = self_condition_input(x, self.self_condition, self_cond)
+        parts = [x] + ([fed] if fed is not None else []) + [calib, features]
+        h = self.head_in(torch.cat([p.to(self.head_in.weight.dtype) for p in parts], dim=1))
+        for block in self.head:
+            h = block(h, emb)
+        out = self.head_out(h)
+        if self.x0_tanh_scale is not None:
+            c = self.mask_channels
+            x0 = self.x0_tanh_scale * torch.tanh(calib.to(out.dtype) / 2 + out[:, :c])
+            out = torch.cat([x0, out[:, c:]], dim=1)
+        return (out, calib) if return_calib else out

@@ -1,0 +1,121 @@
+"""Tests for network.decoupled.DecoupledUNet (--network decoupled): the inputs it looks at, the backbone that is the
+plain-UNet baseline's network, the head's correction of the calibration logit, one backbone pass per chain."""
+import pytest
+import torch
+
+from guided_diffusion.config import DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model
+from guided_diffusion.network.aux_nets import AuxNetConfig, PresegNet
+from guided_diffusion.network.decoupled import DecoupledUNet
+from guided_diffusion.network.unet import self_condition_input
+from guided_diffusion.sampling.samplers import SamplerSpec, sample_ensemble
+
+
+def net_of(**kw) -> DecoupledUNet:
+    args = dict(image_size=16, model_channels=8, channel_mult=(1, 2), self_condition=True, x0_tanh_scale=0.1)
+    return DecoupledUNet(**{**args, **kw})
+
+
+def randomised(net):
+    torch.manual_seed(0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 1, 16, 16, generator=g) * 0.3, torch.tensor([5.0, 40.0]),
+            torch.rand(2, 3, 16, 16, generator=g))
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_outputs_and_the_inputs_it_looks_at(learn_sigma):
+    net = randomised(net_of(learn_sigma=learn_sigma, x0_tanh_scale=None))
+    x, t, image = batch()
+    with torch.no_grad():
+        out = net(x, t, image=image)
+        assert out.shape == (2, 2 if learn_sigma else 1, 16, 16)
+        assert not torch.allclose(out, net(x, t, image=torch.rand(2, 3, 16, 16)))  # the image
+        assert not torch.allclose(out, net(torch.randn_like(x), t, image=image))  # x_t
+        assert not torch.allclose(out, net(x, torch.tensor([400.0, 400.0]), image=image))  # t
+        assert not torch.allclose(out, net(x, t, image=image, self_cond=torch.ones_like(x)))  # the x0 estimate
+        assert torch.equal(out, net(x, t, image=image, self_cond=torch.zeros_like(x)))  # none given: zeros
+        cond = net.encode_condition(image)
+        torch.testing.assert_close(net(x, t, cond=cond), out)  # the cached condition is the image's
+        two = cond.repeat_interleave(2)  # ensembles: member k of image i is row 2 i + k
+        torch.testing.assert_close(net(x.repeat_interleave(2, 0), t.repeat_interleave(2), cond=two)[::2], out)
+    with pytest.raises(ValueError, match="does not match x"):
+        net(x, t, cond=two)
+    with pytest.raises(ValueError, match="not self-conditioned"):
+        net_of(self_condition=False)(x, t, image=image, self_cond=x)
+
+
+def test_the_backbone_is_the_plain_unet_baseline_and_its_output_the_calibration_logits():
+    """Same modules as train_preseg_network.py's network, so the baseline's weights load into the backbone and give
+    its logits as the calibration head's."""
+    baseline = randomised(PresegNet(AuxNetConfig(image_size=16, num_channels=8, channel_mult="1,2")))
+    net = net_of()
+    net.backbone.load_state_dict(baseline.state_dict())  # strict: the same parameter names and shapes
+    net.eval()
+    x, t, image = batch()
+    with torch.no_grad():
+        _, calib = net(x, t, image=image, return_calib=True)
+        torch.testing.assert_close(calib, baseline(image))
+        torch.testing.assert_close(net.encode_condition(image).calib_logits, baseline(image))
+
+
+def test_a_new_head_returns_the_calibration_mask_and_a_trained_one_corrects_its_logit():
+    """x0 = b tanh(calib / 2 + head): zero-initialised, the head adds nothing, so x0's foreground probability
+    (x0 / b + 1) / 2 is sigmoid(calib); with weights, the correction is the unbounded network's output."""
+    b = 0.1
+    fresh = net_of()
+    randomised(fresh.backbone)
+    fresh.eval()
+    x, t, image = batch()
+    with torch.no_grad():
+        x0, calib = fresh(x, t, image=image, return_calib=True)
+        torch.testing.assert_close((x0 / b + 1) / 2, torch.sigmoid(calib))
+        assert calib.std() > 0.1  # not a trivially constant logit
+    bounded, raw = randomised(net_of()), net_of(x0_tanh_scale=None)
+    raw.load_state_dict(bounded.state_dict())
+    raw.eval()
+    with torch.no_grad():
+        head, calib = raw(x, t, image=image, return_calib=True)
+        torch.testing.assert_close(bounded(x, t, image=image), b * torch.tanh(calib / 2 + head))
+        assert head.abs().max() > 0.1
+
+
+def test_a_chain_runs_the_backbone_once_per_batch_and_the_head_at_every_step():
+    net = randomised(net_of(x0_tanh_scale=0.1))
+    diffusion = create_gaussian_diffusion(DiffusionConfig(diffusion_steps=50, learn_sigma=False, prediction="x0",
+                                                          mask_scale=0.1, self_condition=True, x0_tanh=True))
+    calls = {"backbone": 0, "head": 0}
+    net.backbone.conv_in.register_forward_hook(lambda *a: calls.__setitem__("backbone", calls["backbone"] + 1))
+    net.head_out.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
+    _, _, image = batch()
+    result = sample_ensemble(net, diffusion, image, 3, SamplerSpec("dpm_solver++", steps=5), seeds=[1, 2])
+    assert result.members.shape == (2, 3, 16, 16) and result.nfe == 6
+    assert calls == {"backbone": 1, "head": 6}  # 2 images x 3 members in one batch: one image encoding
+    assert result.members.min() >= 0 and result.members.max() <= 1
+
+
+def test_self_condition_input_cases():
+    x = torch.ones(1, 1, 2, 2)
+    assert self_condition_input(x, False, None) is None
+    assert torch.equal(self_condition_input(x, True, None), torch.zeros_like(x))  # a chain's first step
+    fed = self_condition_input(x, True, torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64))
+    assert fed.dtype == x.dtype and torch.equal(fed, x / 2)
+    with pytest.raises(ValueError, match="not self-conditioned"):
+        self_condition_input(x, False, x)
+
+
+def test_factory_builds_it_and_checks_its_flags():
+    net = create_model(ModelConfig(image_size=16, num_channels=8, network="decoupled", head_blocks=3),
+                       DiffusionConfig(learn_sigma=False, prediction="x0", x0_tanh=True, mask_scale=0.1))
+    assert isinstance(net, DecoupledUNet) and len(net.head) == 3 and net.x0_tanh_scale == 0.1
+    with pytest.raises(ValueError, match="--network must be medsegdiff, unet or decoupled"):
+        create_model(ModelConfig(image_size=16, network="transformer"), DiffusionConfig())
+    with pytest.raises(ValueError, match="--image_concat is for --network medsegdiff"):
+        create_model(ModelConfig(image_size=16, network="decoupled", image_concat=True), DiffusionConfig())
+    with pytest.raises(ValueError, match="--head_blocks must be >= 1"):
+        create_model(ModelConfig(image_size=16, network="decoupled", head_blocks=0), DiffusionConfig())
