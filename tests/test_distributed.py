@@ -64,6 +64,23 @@ def test_two_processes_train_like_one_with_the_global_batch(ddp_runs):
 
 
 @pytest.mark.slow
+def test_two_processes_train_the_self_conditioned_decoupled_preset_like_one(syn_dir, tmp_path, run_script):
+    """--preset cpu: the decoupled network, whose self-conditioning first pass (every step here) runs inside its one
+    DDP forward on the shared image encoding; 2 x 2 processes end on the weights of 1 x 4."""
+    preset = ["--preset", "cpu", "--self_condition_rate", "1"]
+    run_script("segmentation_train.py", *train_args(syn_dir, tmp_path / "one", 4, 3), *preset)
+    r = torchrun(str(SCRIPTS / "segmentation_train.py"), *train_args(syn_dir, tmp_path / "two", 2, 3), *preset)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    a, b = load(tmp_path / "one"), load(tmp_path / "two")
+    assert a["config"]["model"]["network"] == "decoupled" and a["config"]["diffusion"]["self_condition"]
+    for a_row, b_row in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two")):
+        for key in ("loss", "mse", "cal", "mask"):
+            assert b_row[key] == pytest.approx(a_row[key], rel=1e-5, abs=1e-6), (key, a_row["step"])
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
 def test_compiled_ddp_trains_like_eager_ddp(ddp_runs, tmp_path):
     """--compile under torchrun: torch.compile of the DDP wrapper (DDP's optimizer splits the graph at its
     gradient buckets) gives the eager DDP run's weights; compiled with dynamo's eager backend (see the helper)."""

@@ -11,6 +11,7 @@ Options of the input x_t and of t:
   self-conditioning   (--self_condition True; Chen, Zhang, Hinton 2022, "Analog Bits", §3): on a seeded fraction
                       --self_condition_rate of the steps a first pass without gradients estimates x_0, which the
                       trained pass sees as its extra input (zeros on the other steps, as at a chain's first step);
+                      both passes (and recycling's) reuse the step's one encoding of the image;
   recycling           (--recycle True; Fu et al. 2023, arXiv:2308.16355, "max" variant): a first pass without
                       gradients predicts x_0 from pure noise x_T, and x_t is drawn from that estimate instead of the
                       ground truth, as at sampling time; the targets stay the ground truth's;
@@ -52,21 +53,31 @@ class DiffusionTrainer(Trainer):
             check_flags({**asdict(model_cfg), **asdict(diff_cfg)}, {**saved["model"], **saved["diffusion"]},
                         f"the checkpoint {resume['path']}", hint="use the same value or another --out_dir")
         self.diffusion = create_gaussian_diffusion(diff_cfg)
+        self._encode = None
         super().__init__(data_cfg, train_cfg, dist_info, resume)
 
     def build_network(self) -> torch.nn.Module:
         return create_model(self.mc, self.dc)
 
+    def encode(self, image: torch.Tensor):
+        """The network's image encoding (its Condition), with gradients; compiled with --compile. It runs outside
+        the DDP wrapper, whose gradient hooks sit on the parameters, so the encoder's gradients are still reduced."""
+        if self._encode is None:
+            self._encode = torch.compile(self.model.encode_condition) if self.tc.compile else \
+                self.model.encode_condition
+        return self._encode(image)
+
     def network_config(self) -> dict:
         return {"model": asdict(self.mc), "diffusion": asdict(self.dc)}
 
     @torch.no_grad()
-    def first_pass(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """The x_0 estimate of a pass without gradients (and with no self-conditioning input), clipped to [-b, b]."""
+    def first_pass(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The x_0 estimate of a pass without gradients (and with no self-conditioning input), clipped to [-b, b],
+        on the step's image encoding `cond`."""
         d = self.diffusion
         fed = torch.zeros_like(x_t) if self.dc.self_condition else None
         with self.autocast():
-            out = self.model(x_t, d.scale_timesteps(t), image=image, self_cond=fed)
+            out = self.wrapped(x_t, d.scale_timesteps(t), cond=cond, self_cond=fed)
         return d.clip_x0(self.x0_estimate(out, x_t, t)).to(x_t.dtype)
 
     def x0_estimate(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -77,23 +88,24 @@ class DiffusionTrainer(Trainer):
         d, tc = self.diffusion, self.tc
         x_start = d.mask_to_x0(mask)
         t, noise = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), d.num_timesteps, t_power=tc.t_power)
+        with self.autocast():  # the image encoding, once a step: every pass below reuses it
+            cond = self.encode(image)
         source = x_start
         if tc.recycle:  # x_t drawn from the model's own estimate from pure noise, as at sampling time
             t_max, noise_max = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), d.num_timesteps, stream=1)
             t_max = torch.full_like(t_max, d.num_timesteps - 1)
-            source = self.first_pass(self.layout(d.q_sample(x_start, t_max, noise_max)), t_max, image)
+            source = self.first_pass(self.layout(d.q_sample(x_start, t_max, noise_max)), t_max, cond)
         x_t = self.layout(d.q_sample(source, t, noise))
         eps = noise
         if tc.recycle:  # the eps that takes the ground truth to this x_t: the targets stay the ground truth's
             a, s = (v.to(x_t.dtype) for v in d.alpha_sigma(t, x_t.ndim))
             eps = (x_t - a * x_start) / s
         fed = None
-        if self.dc.self_condition:
-            fed = torch.zeros_like(x_t)
-            if self.coin(tc.self_condition_rate, stream=1):
-                fed = self.first_pass(x_t, t, image) / d.mask_scale
+        if self.dc.self_condition and self.coin(tc.self_condition_rate, stream=1):
+            fed = self.first_pass(x_t, t, cond) / d.mask_scale
         with self.autocast():
-            out, calib = self.wrapped(x_t, d.scale_timesteps(t), image=image, return_calib=True, self_cond=fed)
+            out = self.wrapped(x_t, d.scale_timesteps(t), cond=cond, self_cond=fed)
+        calib = cond.calib_logits
         losses = d.training_losses(out.float(), x_start, x_t, t, eps)
         loss = tc.mse_weight * losses["loss"].mean()
         terms = {"mse": losses["mse"].mean()}

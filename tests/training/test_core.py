@@ -75,15 +75,15 @@ def test_preloaded_training_equals_decoding_every_step(tmp_path):
 
 
 def test_compile_traces_the_training_step_whole_and_trains_the_same(tmp_path, syn_dir, eager_compile):
-    """--compile hands the (DDP-)wrapped network to torch.compile; dynamo must capture the forward as one graph
-    with no graph breaks (a break splits the kernels the GPU would fuse)."""
+    """--compile hands the (DDP-)wrapped network and its image encoding to torch.compile; dynamo must capture each
+    as one graph with no graph breaks (a break splits the kernels the GPU would fuse)."""
     asked, counters = eager_compile
     eager = DiffusionTrainer(*tiny(tmp_path / "eager", syn_dir, max_steps=3), CPU)
     eager.run()
     compiled = DiffusionTrainer(*tiny(tmp_path / "compiled", syn_dir, max_steps=3, compile=True), CPU)
     compiled.run()
-    assert asked == [compiled.model] and compiled.wrapped is not compiled.model
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert asked == [compiled.model, compiled.model.encode_condition] and compiled.wrapped is not compiled.model
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     assert states_equal(eager.model.state_dict(), compiled.model.state_dict())
 
 

@@ -54,7 +54,29 @@ def test_self_conditioning_trains_on_the_first_pass_estimate(tmp_path, syn_dir, 
         assert len(first) == 1 and torch.equal(fed, first[0] / 0.5)
         assert fed.abs().max() <= 1 and fed.abs().sum() > 0
     else:
-        assert first == [] and torch.equal(fed, torch.zeros_like(fed))
+        assert first == [] and fed is None  # the network's input is then zeros (self_condition_input)
+
+
+@pytest.mark.parametrize("network", ["decoupled", "medsegdiff"])
+def test_a_step_encodes_the_image_once_and_the_first_passes_reuse_it_without_gradients(tmp_path, syn_dir, network):
+    """Self-conditioning and recycling both run a first pass; with the decoupled network that is a head pass only."""
+    mc, _, data, tc = tiny(tmp_path, syn_dir, learn_sigma=False, self_condition_rate=1.0, recycle=True)
+    mc.network = network
+    dc = DiffusionConfig(diffusion_steps=50, learn_sigma=False, prediction="x0", x0_tanh=True, mask_scale=0.1,
+                         self_condition=True)
+    trainer = DiffusionTrainer(mc, dc, data, tc, CPU)
+    encodings, passes = [], []
+    real_encode = trainer.model.encode_condition
+    trainer.model.encode_condition = lambda image: encodings.append(torch.is_grad_enabled()) or real_encode(image)
+    trainer.wrapped = lambda *a, **kw: passes.append((torch.is_grad_enabled(), kw["cond"])) or trainer.model(*a, **kw)
+    loss, _ = trainer.compute_loss(*one_batch(trainer))
+    assert encodings == [True]  # once, with gradients
+    assert [grad for grad, _ in passes] == [False, False, True]  # recycling's and self-conditioning's, the trained
+    assert passes[0][1] is passes[1][1] is passes[2][1]  # one Condition for all three
+    loss.backward()
+    encoder = trainer.model.backbone if network == "decoupled" else trainer.model.cond_encoder
+    grads = [p.grad for p in encoder.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0  # the encoding is trained
 
 
 def test_self_condition_coin_is_seeded_per_step_at_the_asked_rate(tmp_path, syn_dir):
@@ -106,9 +128,9 @@ def test_mask_loss_is_dice_bce_of_the_x0_estimate(tmp_path, syn_dir):
     d = trainer.diffusion
     image, mask = one_batch(trainer)
 
-    class Exact(torch.nn.Module):  # predicts the clean mask exactly, calibration logits 0
-        def forward(self, x_t, t, image=None, return_calib=False, self_cond=None):
-            return d.mask_to_x0(mask), torch.zeros_like(mask)
+    class Exact(torch.nn.Module):  # predicts the clean mask exactly
+        def forward(self, x_t, t, cond=None, self_cond=None):
+            return d.mask_to_x0(mask)
 
     trainer.wrapped = Exact()
     loss, terms = trainer.compute_loss(image, mask)
