@@ -7,7 +7,10 @@ split; samples the test images with every sampler of --samplers (the 1-step x0 r
 seed's --dpm_solver True form) and DDPM over all T steps on the first --ddpm_images; writes the UNet's masks
 through the same pipeline; scores every folder at the images' original size; and writes quality.md (the table,
 with the paired Dice difference to the UNet and its bootstrap CI), quality.csv and quality.png (Dice against NFE,
-the UNet as a line). Re-running continues: finished trainings are not redone and finished masks are kept.
+the UNet as a line). With --extra_seeds the main model and the UNet are trained and sampled again with each seed
+(into <out_dir>/seed<k>/), and the report adds a table over the seeds (quality_seeds.csv): each seed's Dice and
+paired difference to its own UNet, and the per-image difference averaged over the seeds with its CI. Re-running
+continues: finished trainings are not redone and finished masks are kept.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 
 from guided_diffusion import distributed
 from guided_diffusion.checkpoint import find_latest
-from guided_diffusion.config import parse_train_args
+from guided_diffusion.config import parse_int_list, parse_train_args
 from guided_diffusion.evaluation.metrics import bootstrap_ci
 from guided_diffusion.fileio import atomic_write
 from guided_diffusion.reports import benchmark, figures
@@ -38,13 +41,17 @@ DDIM_TD = "ddim-td"  # --samplers entry ddim-td<d>:K = DDIM with K steps and the
 
 # Each ablation: the main recipe with the flags that undo or change one option (what each option adds).
 ABLATIONS: dict[str, tuple[str, str]] = {
-    "seed-eps": ("the seed's formulation: eps, learned sigma, b = 1, uniform t, no self-conditioning, no mask loss, no "
-                 "image concatenation", "--image_concat False --prediction eps --x0_tanh False --learn_sigma True "
-                 "--mask_scale 1 --self_condition False --mask_loss_weight 0 --t_power 1"),
-    "concat-unet": ("a plain UNet denoiser on [x_t, image] (--network unet) instead of the MedSegDiff network",
-                    "--network unet --image_concat False"),
-    "no-concat": ("without the image concatenated to x_t (the image encoder alone sees it)", "--image_concat False"),
-    "no-tanh": ("an unbounded x0 output instead of b tanh(output)", "--x0_tanh False"),
+    "seed-eps": ("the seed's network and formulation: MedSegDiff, eps, learned sigma, b = 1, uniform t, no "
+                 "self-conditioning, no mask loss", "--network medsegdiff --image_concat False --prediction eps "
+                 "--x0_tanh False --learn_sigma True --mask_scale 1 --self_condition False --mask_loss_weight 0 "
+                 "--t_power 1"),
+    "medsegdiff": ("the MedSegDiff network with the image also concatenated to x_t (the former preset) instead of "
+                   "the decoupled one", "--network medsegdiff --image_concat True"),
+    "concat-unet": ("a plain UNet denoiser on [x_t, image] (--network unet), the whole network at every step",
+                    "--network unet"),
+    "no-tanh": ("an unbounded x0 output instead of b tanh(calibration logit / 2 + head): the head predicts x0 "
+                "itself, not a correction of the one-pass mask", "--x0_tanh False"),
+    "head1": ("a mask head of one residual block instead of two", "--head_blocks 1"),
     "no-selfcond": ("without self-conditioning", "--self_condition False"),
     "no-maskloss": ("without the Dice + BCE on the x0 estimate", "--mask_loss_weight 0"),
     "b1": ("masks in {-1, 1} (mask scale 1)", "--mask_scale 1"),
@@ -52,6 +59,7 @@ ABLATIONS: dict[str, tuple[str, str]] = {
     "v": ("v prediction instead of x0", "--prediction v --x0_tanh False"),
     "eps": ("eps prediction instead of x0", "--prediction eps --x0_tanh False"),
     "recycle": ("recycling (Fu et al. 2023) instead of self-conditioning", "--self_condition False --recycle True"),
+    "recycle-sc": ("recycling as well as self-conditioning", "--recycle True"),
     "tpow1": ("timesteps drawn uniformly (t_power 1)", "--t_power 1"),
     "cosine": ("the cosine schedule", "--noise_schedule cosine"),
     "lr2e-3": ("the learning rate doubled (2e-3)", "--lr 2e-3"),
@@ -83,6 +91,12 @@ class QualityConfig:
     num_ensemble: int = field(default=5, metadata={"help": "masks sampled per image"})
     max_images: int = field(default=0, metadata={"help": "test images to sample (0: all)"})
     seed: int = field(default=0, metadata={"help": "training and sampling seed"})
+    extra_seeds: str = field(default="", metadata={"help": "more training seeds, comma-separated (e.g. 1,2): the main "
+                                                           "model and the plain UNet are trained again with each, "
+                                                           "into <out_dir>/seed<k>/, and sampled with --samplers; the "
+                                                           "report adds a table over all seeds (10-minute runs on "
+                                                           "20 test images differ by several Dice points from seed "
+                                                           "to seed)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     plot_dir: str = field(default="", metadata={"help": "also write the figure here (e.g. readme)"})
@@ -126,6 +140,14 @@ def parse_samplers(spec: str, flag: str) -> list[RowSpec]:
     return rows
 
 
+def extra_seeds(cfg: QualityConfig) -> list[int]:
+    """--extra_seeds as integers, none repeating --seed."""
+    seeds = list(parse_int_list(cfg.extra_seeds, "--extra_seeds"))
+    if len(set(seeds)) != len(seeds) or cfg.seed in seeds:
+        raise ValueError(f"--extra_seeds {cfg.extra_seeds} repeats a seed (--seed is {cfg.seed})")
+    return seeds
+
+
 def ablation_names(spec: str) -> list[str]:
     names = list(ABLATIONS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in ABLATIONS]
@@ -143,6 +165,7 @@ def validate(cfg: QualityConfig) -> None:
     parse_samplers(cfg.samplers, "--samplers")
     parse_samplers(cfg.ablation_samplers, "--ablation_samplers")
     ablation_names(cfg.ablations)
+    extra_seeds(cfg)
     diffusion_argv(cfg, "check", "")
 
 
@@ -233,6 +256,44 @@ def to_csv(rows: list[QualityRow]) -> str:
     return buf.getvalue()
 
 
+SEED_COLUMNS = ("model", "sampler", "steps", "NFE", "Dice per seed", "mean Dice", "Dice − UNet per seed",
+                "Dice − UNet over seeds [95% CI]")
+
+
+def seeds_rows(by_seed: dict[int, list[QualityRow]]) -> list[list[str]]:
+    """One row per model and sampler: the Dice of each seed's run, their mean, the paired difference to the same seed's
+    UNet, and that difference averaged over the seeds per image, with its bootstrap CI over the images."""
+    out = []
+    for i, q in enumerate(next(iter(by_seed.values()))):
+        runs = [rows[i] for rows in by_seed.values()]
+        dice = [float(np.nanmean(r.scores["dice"].to_numpy())) for r in runs]
+        cells = [q.model, q.row.sampler, str(q.row.steps), str(q.row.nfe), " / ".join(f"{d:.4f}" for d in dice),
+                 f"{np.mean(dice):.4f}"]
+        if q.model == UNET:
+            out.append(cells + ["", ""])
+            continue
+        per_image = [r.scores["dice"] - rows[0].row.per_image["dice"].loc[r.scores.index]
+                     for r, rows in zip(runs, by_seed.values())]
+        pooled = np.nanmean(np.stack([d.loc[per_image[0].index].to_numpy() for d in per_image]), axis=0)
+        lo, hi = bootstrap_ci(pooled, n_boot=2000)
+        out.append(cells + [" / ".join(f"{r.delta:+.4f}" for r in runs),
+                            f"{np.nanmean(pooled):+.4f} [{lo:+.4f}, {hi:+.4f}]"])
+    return out
+
+
+def seeds_markdown(by_seed: dict[int, list[QualityRow]]) -> str:
+    lines = ["| " + " | ".join(SEED_COLUMNS) + " |", "|---|---|---:|---:|---|---:|---|---|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in seeds_rows(by_seed)]) + "\n"
+
+
+def seeds_csv(by_seed: dict[int, list[QualityRow]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SEED_COLUMNS)
+    w.writerows(seeds_rows(by_seed))
+    return buf.getvalue()
+
+
 def run_quality(cfg: QualityConfig, command: str = "") -> Path:
     """Train, sample, score and report; the path of quality.md."""
     t0 = time.perf_counter()
@@ -254,6 +315,11 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
         rows += sample_rows(cfg, name, models[name], parse_samplers(cfg.ablation_samplers, "--ablation_samplers"),
                             info.device, cfg.max_images)
     rows = [rows[0]] + [paired_delta(q, unet) for q in rows[1:]]
+    by_seed = {cfg.seed: rows[:1 + len(parse_samplers(cfg.samplers, "--samplers"))]}
+    runs = [(name, name, run) for name, run in models.items()] + [(UNET, UNET, unet_run)]
+    for k in extra_seeds(cfg):
+        by_seed[k], seed_runs = another_seed(cfg, k, info)
+        runs += seed_runs
     lines = [f"# Quality: {cfg.data_name} ({cfg.data_dir}), {cfg.image_size} px, {cfg.minutes:g} training minutes "
              f"per model", "", f"command: {command}" if command else "", "",
              to_markdown(rows)]
@@ -263,9 +329,13 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
         subset = [QualityRow(q.model, q.row, ids) for q in rows if q.model in (UNET, MAIN)] + ddpm
         subset = [subset[0]] + [paired_delta(q, unet) for q in subset[1:]]
         lines += [f"On the first {len(ids)} test images, with DDPM over all T steps:", "", to_markdown(subset)]
+    if len(by_seed) > 1:
+        lines += [f"Over the training seeds {', '.join(map(str, by_seed))} (the main model and the plain UNet "
+                  f"trained once per seed, the same test images):", "", seeds_markdown(by_seed)]
+        atomic_write(out / "quality_seeds.csv", seeds_csv(by_seed))
     lines += ["(seed): the seed's fast command, `--dpm_solver True --diffusion_steps K`; ddim 1: the one-step x0 "
               "read-out from pure noise; preseg: the plain UNet's masks written by the same pipeline.",
-              note_lines(cfg, models, unet_run, time.perf_counter() - t0)]
+              note_lines(cfg, runs, time.perf_counter() - t0)]
     points = [figures.NfePoint(q.model, f"{q.row.sampler} {q.row.steps}", q.row.nfe, q.row.dice) for q in rows[1:]]
     # (every row of `rows` covers all sampled test images, so its BenchRow Dice is the table's)
     made = [figures.dice_nfe_plot(points, out / "quality.png", baseline=(UNET, unet.dice),
@@ -280,17 +350,29 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
     return report
 
 
-def note_lines(cfg: QualityConfig, models: dict[str, Path], unet_run: Path, seconds: float) -> str:
-    """What each model is and how long it trained (from its checkpoint)."""
+def another_seed(cfg: QualityConfig, seed: int, info: distributed.DistInfo):
+    """The main model and the plain UNet trained again with another seed into <out_dir>/seed<k>/ and sampled with
+    --samplers: their rows (UNet first, deltas to this seed's UNet) and (label, name, run) of the two runs."""
+    ck = replace(cfg, seed=seed, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), ablations="", extra_seeds="")
+    main = train_diffusion(ck, MAIN, "", info)
+    unet = train_unet(ck, main)
+    rows = sample_rows(ck, UNET, unet, [RowSpec("preseg", 1)], info.device, cfg.max_images)
+    rows += sample_rows(ck, MAIN, main, parse_samplers(cfg.samplers, "--samplers"), info.device, cfg.max_images)
+    rows = [rows[0]] + [paired_delta(q, rows[0].row) for q in rows[1:]]
+    return rows, [(f"{MAIN} (seed {seed})", MAIN, main), (f"{UNET} (seed {seed})", UNET, unet)]
+
+
+def note_lines(cfg: QualityConfig, runs: list[tuple[str, str, Path]], seconds: float) -> str:
+    """What each model (label, its MAIN/UNET/ablation name, run folder) is and how long it trained."""
     from guided_diffusion.checkpoint import load_checkpoint
 
     lines = ["", "| model | what | steps | minutes | images seen |", "|---|---|---:|---:|---:|"]
-    for name, run in [*models.items(), (UNET, unet_run)]:
+    for label, name, run in runs:
         ckpt = load_checkpoint(run)
         what = {MAIN: f"--preset {cfg.preset} {cfg.diffusion_flags}".strip(),
                 UNET: f"train_preseg_network.py {cfg.unet_flags}"}.get(name) or ABLATIONS[name][0]
         batch = ckpt["config"]["train"]["batch_size"]
-        lines.append(f"| {name} | {what} | {ckpt['step']} | {ckpt.get('train_seconds', 0) / 60:.1f} | "
+        lines.append(f"| {label} | {what} | {ckpt['step']} | {ckpt.get('train_seconds', 0) / 60:.1f} | "
                      f"{ckpt['step'] * batch} |")
     lines += ["", f"Dice − UNet: mean per-image difference to the plain UNet on the same images, percentile "
                   f"bootstrap 95% CI (2000 resamples). The whole benchmark took {seconds / 60:.1f} minutes "

@@ -87,9 +87,10 @@ def report_text(cfg: QuickstartConfig, ckpt: Path, rows: list[benchmark.BenchRow
     mc, dc, _, tc = train_configs(cfg)
     lines = [f"# Quickstart report: {cfg.data_name} ({cfg.data_dir})", "",
              f"Model `{ckpt}` (--preset {cfg.preset} {cfg.train_flags}".rstrip() + f"): {mc.image_size}x{mc.image_size} "
-             f"px, {mc.num_channels} channels, {cfg.train_steps} training steps of batch {tc.batch_size}; "
-             f"{dc.prediction} prediction, masks scaled to ±{dc.mask_scale:g}, self-conditioning "
-             f"{'on' if dc.self_condition else 'off'}, T = {dc.diffusion_steps} ({dc.noise_schedule} schedule). "
+             f"px, the {mc.network} network, {mc.num_channels} channels, {cfg.train_steps} training steps of batch "
+             f"{tc.batch_size}; {dc.prediction} prediction, masks scaled to ±{dc.mask_scale:g}, self-conditioning "
+             f"{'on' if dc.self_condition else 'off'}, recycling {'on' if tc.recycle else 'off'}, "
+             f"T = {dc.diffusion_steps} ({dc.noise_schedule} schedule). "
              f"{cfg.num_ensemble} masks per image, fused by their mean and thresholded at 0.5; Dice at each "
              f"image's original size. The whole run took {minutes:.1f} minutes.", ""]
     if head:

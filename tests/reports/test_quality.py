@@ -39,11 +39,54 @@ def test_quality_benchmark_reports_every_model_against_the_unet(tmp_path, run_sc
     assert before == {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")}
 
 
+@pytest.mark.slow
+def test_extra_seeds_train_the_main_model_and_the_unet_again_and_pool_their_paired_differences(tmp_path, run_script):
+    import numpy as np
+    import pandas as pd
+
+    from guided_diffusion.data.datasets import make_synthetic
+
+    make_synthetic(tmp_path / "data", num_images=20)
+    out = tmp_path / "q"
+    run_script("benchmark_quality.py", "--data_name", "SYNTHETIC", "--data_dir", tmp_path / "data", "--image_size", 16,
+               "--minutes", 0.01, "--out_dir", out, "--ddpm_images", 0, "--num_ensemble", 2, "--max_images", 4,
+               "--device", "cpu", "--samplers", "ddim:1", "--extra_seeds", "3",
+               "--diffusion_flags", "--diffusion_steps 20 --num_channels 8", "--unet_flags", "--num_channels 8")
+    assert (out / "seed3" / "models" / "diffusion").is_dir() and (out / "seed3" / "models" / "unet").is_dir()
+    assert load_checkpoint_seed(out / "seed3" / "models" / "diffusion") == 3
+    assert load_checkpoint_seed(out / "seed3" / "models" / "unet") == 3
+
+    def dice(root, model):
+        folder = root / "samples" / model
+        table = pd.read_csv(next(folder.glob("*/eval/evaluation.csv"))).set_index("id")
+        return table["dice"]
+
+    diffs = [dice(root, "diffusion") - dice(root, "plain_UNet") for root in (out, out / "seed3")]
+    assert not np.allclose(diffs[0], diffs[1])  # two different seeds' models
+    rows = list(csv.DictReader(open(out / "quality_seeds.csv")))
+    assert [(r["model"], r["sampler"]) for r in rows] == [("plain UNet", "preseg"), ("diffusion", "ddim")]
+    per_seed = [float(v) for v in rows[1]["Dice − UNet per seed"].split(" / ")]
+    np.testing.assert_allclose(per_seed, [d.mean() for d in diffs], atol=1e-4)
+    pooled = float(rows[1]["Dice − UNet over seeds [95% CI]"].split(" [")[0])
+    assert pooled == pytest.approx(((diffs[0] + diffs[1].loc[diffs[0].index]) / 2).mean(), abs=1e-4)
+    unet = [float(v) for v in rows[0]["Dice per seed"].split(" / ")]
+    np.testing.assert_allclose(unet, [dice(root, "plain_UNet").mean() for root in (out, out / "seed3")], atol=1e-4)
+    assert "Over the training seeds 0, 3" in (out / "quality.md").read_text()
+
+
+def load_checkpoint_seed(run) -> int:
+    from guided_diffusion.checkpoint import load_checkpoint
+
+    return load_checkpoint(run)["config"]["train"]["seed"]
+
+
 def test_bad_quality_flags_fail_before_any_training(tmp_path):
     base = quality.QualityConfig(data_name="SYNTHETIC", data_dir=str(tmp_path / "d"), out_dir=str(tmp_path / "q"))
     for change, needle in (({"ablations": "nope"}, "--ablations: unknown 'nope'"),
                            ({"samplers": "euler:3"}, "--samplers: unknown sampler 'euler'"),
                            ({"minutes": 0.0}, "--minutes must be > 0"),
+                           ({"extra_seeds": "0,1"}, "--extra_seeds 0,1 repeats a seed"),
+                           ({"extra_seeds": "one"}, "--extra_seeds must be comma-separated integers"),
                            ({"diffusion_flags": "--prediction score"}, "--prediction must be")):
         cfg = quality.QualityConfig(**{**vars(base), **change})
         with pytest.raises((ValueError, SystemExit)) as exc:
