@@ -5,12 +5,7 @@ import torch
 from guided_diffusion.config import DiffusionConfig, ModelConfig, create_model
 from guided_diffusion.network.unet import ConcatUNet
 from guided_diffusion.sampling import addpm
-
-
-def randomised(net):
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    return net.eval()
+from networks import assert_sees_its_inputs, randomised
 
 
 @pytest.mark.parametrize("learn_sigma,self_condition", [(False, False), (True, True)])
@@ -18,14 +13,9 @@ def test_outputs_and_the_inputs_it_looks_at(learn_sigma, self_condition):
     net = randomised(ConcatUNet(image_size=16, model_channels=8, channel_mult=(1, 2), learn_sigma=learn_sigma,
                                 self_condition=self_condition))
     x, t, image = torch.randn(2, 1, 16, 16), torch.tensor([5.0, 5.0]), torch.rand(2, 3, 16, 16)
+    out = assert_sees_its_inputs(net, x, t, image, torch.tensor([40.0, 40.0]))
+    assert out.shape[1] == (2 if learn_sigma else 1)
     with torch.no_grad():
-        out = net(x, t, image=image)
-        assert out.shape == (2, 2 if learn_sigma else 1, 16, 16)
-        assert not torch.allclose(out, net(x, t, image=torch.rand(2, 3, 16, 16)))  # the image
-        assert not torch.allclose(out, net(torch.randn_like(x), t, image=image))  # x_t
-        assert not torch.allclose(out, net(x, torch.tensor([40.0, 40.0]), image=image))  # t
-        cond = net.encode_condition(image).repeat_interleave(1)
-        torch.testing.assert_close(net(x, t, cond=cond), out)  # the cached condition is the image
         assert net(x, t, image=image, return_calib=True)[1] is None  # no calibration head
         if self_condition:
             assert not torch.allclose(out, net(x, t, image=image, self_cond=torch.ones_like(x)))
