@@ -286,6 +286,19 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
         raise ValueError(f"--mask_scale must be > 0, got {diffusion.mask_scale}")
 
 
+def unused_model_flags(model: ModelConfig) -> list[str]:
+    """The model flags whose values the chosen --network does not use (unet and decoupled have no attention and
+    plain residual blocks; only decoupled has a mask head; only medsegdiff concatenates the image)."""
+    unused = []
+    if model.network != "medsegdiff":
+        if model.attention_resolutions.strip():
+            unused.append(f"--attention_resolutions {model.attention_resolutions}")
+        unused += [f"--{name} True" for name in ("use_scale_shift_norm", "use_checkpoint") if getattr(model, name)]
+    if model.network != "decoupled" and model.head_blocks != ModelConfig.head_blocks:
+        unused.append(f"--head_blocks {model.head_blocks}")
+    return unused
+
+
 def check_attention_resolutions(model: ModelConfig) -> None:
     """At training time every --attention_resolutions entry must be a feature-map size the network has (the parser
     itself is lenient so one value serves several sizes, and old checkpoints keep loading)."""

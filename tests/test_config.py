@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from guided_diffusion.config import PRESETS, DiffusionConfig, parse_train_args
+from guided_diffusion.config import PRESETS, DiffusionConfig, ModelConfig, parse_train_args, unused_model_flags
 from guided_diffusion.sampling import pipeline
 
 SEED_FLAGS = ("--data_name ISIC --data_dir ISIC --out_dir runs/isic --image_size 256 --num_channels 128 "
@@ -34,6 +34,18 @@ def test_unknown_preset_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_train_args(["--preset", "gpu-huge"])
     assert exc.value.code == 2 and "--preset must be none or cpu, got 'gpu-huge'" in capsys.readouterr().err
+
+
+def test_flags_the_network_does_not_use_are_named():
+    """The seed's attention flags with --network decoupled or unet, and --head_blocks on the other networks; the
+    preset's own values and each network's own flags are not named."""
+    seed_model = parse_train_args(SEED_FLAGS + ["--network", "decoupled", "--use_checkpoint", "True"])[0]
+    assert unused_model_flags(seed_model) == ["--attention_resolutions 16", "--use_checkpoint True"]
+    assert unused_model_flags(parse_train_args(["--preset", "cpu"])[0]) == []
+    assert unused_model_flags(parse_train_args(SEED_FLAGS)[0]) == []  # medsegdiff uses them all
+    assert unused_model_flags(ModelConfig(network="unet", attention_resolutions="", head_blocks=3)) == \
+        ["--head_blocks 3"]
+    assert unused_model_flags(ModelConfig(network="decoupled", attention_resolutions="", head_blocks=3)) == []
 
 
 def test_predict_xstart_is_the_x0_target():

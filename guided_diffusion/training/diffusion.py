@@ -26,7 +26,7 @@ import torch
 
 from guided_diffusion.checkpoint import check_flags
 from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, check_attention_resolutions,
-                                     create_gaussian_diffusion, create_model, validate)
+                                     create_gaussian_diffusion, create_model, unused_model_flags, validate)
 from guided_diffusion.data import volumes
 from guided_diffusion.diffusion.gaussian_diffusion import dice_bce_loss
 from guided_diffusion.distributed import DistInfo
@@ -47,6 +47,9 @@ class DiffusionTrainer(Trainer):
         volumes.configure(model_cfg, data_cfg)  # --image_channels (and for volumes --modalities) from the data
         validate(model_cfg, diff_cfg)
         check_attention_resolutions(model_cfg)
+        unused = unused_model_flags(model_cfg)
+        if unused and dist_info.is_main:
+            print(f"note: --network {model_cfg.network} does not use {', '.join(unused)}", flush=True)
         resume = find_resume(train_cfg, self.kind, dist_info)
         if resume is not None:  # a flag that contradicts the run being resumed is an error, never a silent mismatch
             saved = resume["config"]
