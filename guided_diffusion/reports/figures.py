@@ -117,28 +117,63 @@ def speed_quality_plot(points: list[SpeedPoint], path: Path, title: str = "",
     return _finish_log_plot(fig, ax, "seconds per image (log scale)", title, path)
 
 
-def _dice_lines(points, group, x, note):
-    """A figure with Dice against x(p), one line per group(p) in first-seen order, each point labelled note(p);
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "D", "^")
+
+
+def line_style(k: int) -> dict:
+    """The k-th line's colour, line style and marker: tab10's ten colours, then the same with the next dash and
+    marker, so 40 lines differ in at least one of them."""
+    return dict(color=f"C{k % 10}", linestyle=LINESTYLES[k // 10 % 4], marker=MARKERS[k // 10 % 4])
+
+
+def _dice_lines(points, group, x, note, annotate_first_only: bool = False):
+    """A figure with Dice against x(p), one line per group(p) in first-seen order, each in its own style, each point
+    labelled note(p) (only the first group's with annotate_first_only: many lines, the main one drawn thicker);
     points that coincide (the same sampler reached by two commands) share one label, 'a = b'."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in dict.fromkeys(group(p) for p in points):
+    fig, ax = plt.subplots(figsize=(8.0, 4.6) if annotate_first_only else (6.4, 4.2))
+    for k, name in enumerate(dict.fromkeys(group(p) for p in points)):
         mine = sorted((p for p in points if group(p) == name), key=x)
-        ax.plot([x(p) for p in mine], [p.dice for p in mine], marker="o", label=name)
+        main = annotate_first_only and k == 0
+        ax.plot([x(p) for p in mine], [p.dice for p in mine], label=name, linewidth=2.6 if main else 1.2,
+                zorder=3 if main else 2, **line_style(k))
+        if annotate_first_only and not main:
+            continue
         notes: dict[tuple[float, float], list[str]] = {}
         for p in mine:
             notes.setdefault((x(p), p.dice), []).append(note(p))
-        for (px, dice), said in notes.items():
-            ax.annotate(" = ".join(said), (px, dice), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        for (px, dice), said, lift in zip(notes, notes.values(), label_lifts(list(notes))):
+            ax.annotate(" = ".join(said), (px, dice), textcoords="offset points", xytext=(4, 3 + lift), fontsize=6)
     return fig, ax
 
 
-def _finish_log_plot(fig, ax, xlabel: str, title: str, path: Path) -> Path:
+def label_lifts(spots: list[tuple[float, float]], step: float = 7.0) -> list[float]:
+    """Vertical offsets (points) of the labels at (x, y) spots: spots within 25% of each other in x are one
+    column, stacked in order of y `step` apart, so near-equal Dice values at 10 and 11 NFE do not print over each
+    other."""
+    lifts = [0.0] * len(spots)
+    order = sorted(range(len(spots)), key=lambda i: (spots[i][0], spots[i][1]))
+    column: list[int] = []
+    for i in order + [None]:
+        if i is not None and column and spots[i][0] <= 1.25 * spots[column[0]][0]:
+            column.append(i)
+            continue
+        for rank, j in enumerate(sorted(column, key=lambda j: spots[j][1])):
+            lifts[j] = step * rank
+        column = [i] if i is not None else []
+    return lifts
+
+
+def _finish_log_plot(fig, ax, xlabel: str, title: str, path: Path, legend_outside: bool = False) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("Dice")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if legend_outside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=7, loc="best")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -157,10 +192,17 @@ class NfePoint:
 def dice_nfe_plot(points: list[NfePoint], path: Path, baseline: tuple[str, float] | None = None,
                   title: str = "") -> Path:
     """Dice against network evaluations per member (log scale), one line per model through its samplers, and a
-    plain baseline (a network read out in one pass) as a horizontal line."""
+    plain baseline (a network read out in one pass) as a horizontal line. With several models the first (the main
+    one) is drawn thicker and is the only one whose points are labelled; the legend sits beside the axes."""
     if not points:
         raise ValueError("nothing to plot")
-    fig, ax = _dice_lines(points, group=lambda p: p.model, x=lambda p: p.nfe, note=lambda p: p.sampler)
+    many = len({p.model for p in points}) > 1
+    fig, ax = _dice_lines(points, group=lambda p: p.model, x=lambda p: p.nfe, note=lambda p: p.sampler,
+                          annotate_first_only=many)
+    nfes = [p.nfe for p in points]
+    ax.set_xlim(min(nfes) / 1.5, max(nfes) * 4)  # room right of the last points for their labels
     if baseline is not None:
-        ax.axhline(baseline[1], color="black", linestyle="--", linewidth=1.0, label=f"{baseline[0]} ({baseline[1]:.3f})")
-    return _finish_log_plot(fig, ax, "network evaluations per member (NFE, log scale)", title, path)
+        ax.axhline(baseline[1], color="black", linestyle="--", linewidth=1.4, zorder=4,
+                   label=f"{baseline[0]} ({baseline[1]:.3f})")
+    return _finish_log_plot(fig, ax, "network evaluations per member (NFE, log scale)", title, path,
+                            legend_outside=many)

@@ -75,3 +75,30 @@ def test_coinciding_points_share_one_label(tmp_path, monkeypatch):
            figures.NfePoint("diffusion", "ddim 10", 10, 0.83)]
     figures.dice_nfe_plot(nfe, tmp_path / "n.png")
     assert labels == ["ddim 10", "dpm_solver++ 10 = dpm_solver++ (seed) 10"]
+
+
+def test_many_models_each_get_their_own_style_and_only_the_main_one_is_labelled(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    styles = {tuple(sorted(figures.line_style(k).items())) for k in range(40)}
+    assert len(styles) == 40  # no two of 40 lines look alike
+    labels, widths = [], {}
+    real_annotate, real_plot = matplotlib.axes.Axes.annotate, matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: labels.append(text) or real_annotate(self, text, *a, **k))
+
+    def plot(self, *a, **k):
+        widths[k.get("label")] = k.get("linewidth")
+        return real_plot(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    nfe = [figures.NfePoint(model, sampler, n, 0.5 + 0.01 * k)
+           for k, model in enumerate(["diffusion", "eps", "v"]) for sampler, n in (("ddim 1", 1), ("dpm 10", 11))]
+    figures.dice_nfe_plot(nfe, tmp_path / "n.png", baseline=("plain UNet", 0.5))
+    assert labels == ["ddim 1", "dpm 10"]  # the main model's points only
+    assert widths["diffusion"] > widths["eps"] == widths["v"]
+
+
+def test_labels_of_points_in_one_column_are_stacked_in_order_of_dice():
+    spots = [(11, 0.74), (1, 0.75), (10, 0.75), (11, 0.73), (100, 0.2)]
+    assert figures.label_lifts(spots) == [7.0, 0.0, 14.0, 0.0, 0.0]  # 10 and 11 NFE: one column, 0.73 < 0.74 < 0.75
