@@ -150,8 +150,8 @@ def _dice_lines(points, group, x, note, annotate_first_only: bool = False):
 
 def label_lifts(spots: list[tuple[float, float]], step: float = 7.0) -> list[float]:
     """Vertical offsets (points) of the labels at (x, y) spots: spots within 25% of each other in x are one
-    column, stacked in order of y `step` apart, so near-equal Dice values at 10 and 11 NFE do not print over each
-    other."""
+    column, stacked in order of y `step` apart and centred on the column, so near-equal Dice values at 10 and 11 NFE
+    do not print over each other."""
     lifts = [0.0] * len(spots)
     order = sorted(range(len(spots)), key=lambda i: (spots[i][0], spots[i][1]))
     column: list[int] = []
@@ -160,7 +160,7 @@ def label_lifts(spots: list[tuple[float, float]], step: float = 7.0) -> list[flo
             column.append(i)
             continue
         for rank, j in enumerate(sorted(column, key=lambda j: spots[j][1])):
-            lifts[j] = step * rank
+            lifts[j] = step * (rank - (len(column) - 1) / 2)
         column = [i] if i is not None else []
     return lifts
 

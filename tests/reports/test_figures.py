@@ -101,4 +101,4 @@ def test_many_models_each_get_their_own_style_and_only_the_main_one_is_labelled(
 
 def test_labels_of_points_in_one_column_are_stacked_in_order_of_dice():
     spots = [(11, 0.74), (1, 0.75), (10, 0.75), (11, 0.73), (100, 0.2)]
-    assert figures.label_lifts(spots) == [7.0, 0.0, 14.0, 0.0, 0.0]  # 10 and 11 NFE: one column, 0.73 < 0.74 < 0.75
+    assert figures.label_lifts(spots) == [0.0, 0.0, 7.0, -7.0, 0.0]  # 10 and 11 NFE: one column, 0.73 < 0.74 < 0.75
