@@ -168,8 +168,26 @@ class TrainConfig(RunConfig):
                                                            "estimate from pure noise, not the ground truth, to x_t"})
     t_power: float = field(default=1.0, metadata={"help": "training timesteps floor(T u^(1/p)) for uniform u: 1 is "
                                                           "uniform, > 1 draws the noisy levels more often"})
+    detach_condition: bool = field(default=False, metadata={"help": "the image encoding enters the denoiser "
+                                                                     "detached: only the calibration loss trains the "
+                                                                     "image encoder (with --network decoupled the "
+                                                                     "backbone then trains as the plain UNet does)"})
+    diffusion_batch: int = field(default=0, metadata={"help": "images of each batch (per process) that the diffusion "
+                                                              "losses train on, the first ones; the calibration loss "
+                                                              "trains on all (0: all). With --network decoupled the "
+                                                              "mask head's share of a step's cost"})
     preset: str = field(default="none", metadata={"help": "cpu: the small-CPU recipe measured best (README, "
                                                           "'Quality'); every flag given explicitly wins over it"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.self_condition_rate <= 1.0:
+            raise ValueError(f"--self_condition_rate must be in [0, 1], got {self.self_condition_rate}")
+        if not self.t_power > 0:
+            raise ValueError(f"--t_power must be > 0, got {self.t_power}")
+        if not 0 <= self.diffusion_batch <= self.batch_size:
+            raise ValueError(f"--diffusion_batch must be in 0..--batch_size ({self.batch_size}), got "
+                             f"{self.diffusion_batch}")
 
 
 # The recipes behind --preset: values for flags the user did not give (measured in the README's "Quality" section).

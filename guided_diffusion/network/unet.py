@@ -101,6 +101,14 @@ class Condition(NamedTuple):
             raise ValueError(f"repeat count must be >= 1, got {n}")
         return self._map(lambda t: t.repeat_interleave(n, dim=0))
 
+    def first(self, n: int) -> Condition:
+        """The condition of the first n images of the batch."""
+        return self._map(lambda t: t[:n])
+
+    def detach(self) -> Condition:
+        """The same tensors, cut from the autograd graph."""
+        return self._map(Tensor.detach)
+
     def to(self, *args, **kwargs) -> Condition:
         """Move/cast every tensor like Tensor.to."""
         return self._map(lambda t: t.to(*args, **kwargs))

@@ -62,6 +62,12 @@ ABLATIONS: dict[str, tuple[str, str]] = {
     "recycle-sc": ("recycling as well as self-conditioning", "--recycle True"),
     "tpow1": ("timesteps drawn uniformly (t_power 1)", "--t_power 1"),
     "cosine": ("the cosine schedule", "--noise_schedule cosine"),
+    "detach": ("the mask head's losses stop at the backbone: only the calibration loss trains it, as the plain UNet "
+               "is trained", "--detach_condition True"),
+    "db2": ("the diffusion losses on 2 of the 8 images of each batch (more backbone steps in the minutes)",
+            "--diffusion_batch 2"),
+    "detach-db2": ("both: the backbone trained as the plain UNet, the head on 2 images of each batch",
+                   "--detach_condition True --diffusion_batch 2"),
     "lr2e-3": ("the learning rate doubled (2e-3)", "--lr 2e-3"),
     "batch4": ("batches of 4 (twice the steps in the minutes)", "--batch_size 4"),
 }

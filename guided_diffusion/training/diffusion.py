@@ -17,6 +17,12 @@ Options of the input x_t and of t:
                       ground truth, as at sampling time; the targets stay the ground truth's;
   --t_power p         timesteps floor(T u^(1/p)): p > 1 trains the noisy levels more (GenMask's weighting toward
                       the levels where a binary mask is hidden).
+Cost and coupling:
+  --diffusion_batch k the diffusion losses (the denoiser's passes) on the first k images of each batch, the
+                      calibration loss on all: with --network decoupled a step costs one backbone pass on the batch
+                      and head passes on k images;
+  --detach_condition  the denoiser's losses stop at the image encoding, so only the calibration loss trains the
+                      encoder (--network decoupled: the backbone trains exactly as the plain UNet).
 """
 from __future__ import annotations
 
@@ -47,6 +53,9 @@ class DiffusionTrainer(Trainer):
         volumes.configure(model_cfg, data_cfg)  # --image_channels (and for volumes --modalities) from the data
         validate(model_cfg, diff_cfg)
         check_attention_resolutions(model_cfg)
+        if train_cfg.detach_condition and model_cfg.network == "unet":
+            raise ValueError("--detach_condition True needs an image encoder trained by the calibration loss "
+                             "(--network decoupled or medsegdiff); --network unet has none")
         unused = unused_model_flags(model_cfg)
         if unused and dist_info.is_main:
             print(f"note: --network {model_cfg.network} does not use {', '.join(unused)}", flush=True)
@@ -93,10 +102,15 @@ class DiffusionTrainer(Trainer):
         t, noise = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), d.num_timesteps, t_power=tc.t_power)
         with self.autocast():  # the image encoding, once a step: every pass below reuses it
             cond = self.encode(image)
+        calib = cond.calib_logits
+        k = tc.diffusion_batch or mask.shape[0]  # the diffusion losses on the first k images, the calibration's on all
+        cond, x_start, t, noise, target = cond.first(k), x_start[:k], t[:k], noise[:k], mask[:k]
+        if tc.detach_condition:  # the denoiser's losses stop at the encoding; the calibration loss trains it
+            cond = cond.detach()
         source = x_start
         if tc.recycle:  # x_t drawn from the model's own estimate from pure noise, as at sampling time
             t_max, noise_max = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), d.num_timesteps, stream=1)
-            t_max = torch.full_like(t_max, d.num_timesteps - 1)
+            t_max, noise_max = torch.full_like(t_max[:k], d.num_timesteps - 1), noise_max[:k]
             source = self.first_pass(self.layout(d.q_sample(x_start, t_max, noise_max)), t_max, cond)
         x_t = self.layout(d.q_sample(source, t, noise))
         eps = noise
@@ -108,7 +122,6 @@ class DiffusionTrainer(Trainer):
             fed = self.first_pass(x_t, t, cond) / d.mask_scale
         with self.autocast():
             out = self.wrapped(x_t, d.scale_timesteps(t), cond=cond, self_cond=fed)
-        calib = cond.calib_logits
         losses = d.training_losses(out.float(), x_start, x_t, t, eps)
         loss = tc.mse_weight * losses["loss"].mean()
         terms = {"mse": losses["mse"].mean()}
@@ -119,6 +132,6 @@ class DiffusionTrainer(Trainer):
             terms["vb"] = losses["vb"].mean()
         if tc.mask_loss_weight:
             x0 = self.x0_estimate(out, x_t, t)
-            terms["mask"] = dice_bce_loss(torch.logit(d.x0_to_probability(x0), eps=1e-4), mask).mean()
+            terms["mask"] = dice_bce_loss(torch.logit(d.x0_to_probability(x0), eps=1e-4), target).mean()
             loss = loss + tc.mask_loss_weight * terms["mask"]
         return loss, terms

@@ -4,11 +4,12 @@ import types
 
 import pytest
 import torch
+from networks import randomised
 from tiny_runs import CPU, tiny
 
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.config import DiffusionConfig
-from guided_diffusion.diffusion.gaussian_diffusion import training_target
+from guided_diffusion.diffusion.gaussian_diffusion import dice_bce_loss, training_target
 from guided_diffusion.training import core
 from guided_diffusion.training.diffusion import DiffusionTrainer
 
@@ -203,3 +204,72 @@ def test_self_condition_input_is_used_by_the_network():
     with pytest.raises(ValueError, match="not self-conditioned"):
         plain(x, t, image=image, self_cond=x)
     assert training_target("x0", x, x, 1.0, 0.0) is x
+
+
+@pytest.mark.parametrize("network,tanh", [("decoupled", True), ("medsegdiff", False)])
+def test_diffusion_batch_trains_the_diffusion_losses_on_the_first_images_and_the_calibration_on_all(
+        tmp_path, syn_dir, network, tanh):
+    mc, _, data, tc = tiny(tmp_path, syn_dir, learn_sigma=False, diffusion_batch=2, mask_loss_weight=1.0)
+    mc.network, mc.attention_resolutions = network, ""
+    dc = DiffusionConfig(diffusion_steps=50, learn_sigma=False, prediction="x0", x0_tanh=tanh, mask_scale=0.1)
+    trainer = DiffusionTrainer(mc, dc, data, tc, CPU)
+    d, model = trainer.diffusion, trainer.model
+    image, mask = one_batch(trainer)
+    assert mask.shape[0] == 4
+    seen = []
+    trainer.wrapped = lambda x_t, t, cond=None, self_cond=None: seen.append((x_t, t, cond)) or model(
+        x_t, t, cond=cond, self_cond=self_cond)
+    loss, terms = trainer.compute_loss(image, mask)
+    ((x_t, t, cond),) = seen
+    assert x_t.shape[0] == 2 and cond.batch_size == 2
+    with torch.no_grad():  # independently: the calibration loss over all four images, the MSE over the first two
+        full = model.encode_condition(image)
+        t_all, noise_all = trainer.noise_and_t(4, tuple(mask.shape[1:]), d.num_timesteps)
+        x0 = d.mask_to_x0(mask[:2])
+        x_t2 = d.q_sample(x0, t_all[:2], noise_all[:2])
+        pred = model(x_t2, d.scale_timesteps(t_all[:2]), cond=full.first(2))
+    torch.testing.assert_close(x_t, x_t2)
+    torch.testing.assert_close(terms["cal"], dice_bce_loss(full.calib_logits, mask).mean())
+    torch.testing.assert_close(terms["mse"], ((pred - x0) ** 2).mean(), atol=1e-7, rtol=1e-5)
+    p = d.x0_to_probability(pred).clamp(1e-4, 1 - 1e-4)
+    torch.testing.assert_close(terms["mask"], dice_bce_loss(torch.logit(p), mask[:2]).mean(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, terms["mse"] + terms["cal"] + terms["mask"])
+
+
+@pytest.mark.parametrize("flag,value,message", [("diffusion_batch", 5, "--diffusion_batch must be in 0..--batch_size (4)"),
+                                                 ("diffusion_batch", -1, "--diffusion_batch"),
+                                                 ("t_power", 0.0, "--t_power must be > 0"),
+                                                 ("self_condition_rate", 1.5, "--self_condition_rate must be in")])
+def test_bad_loss_flags_are_one_line_errors(tmp_path, syn_dir, flag, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        formulation(tmp_path, syn_dir, **{flag: value})
+
+
+@pytest.mark.parametrize("network", ["decoupled", "medsegdiff"])
+def test_detach_condition_leaves_the_image_encoder_to_the_calibration_loss(tmp_path, syn_dir, network):
+    mc, _, data, tc = tiny(tmp_path, syn_dir, learn_sigma=False, detach_condition=True, mask_loss_weight=1.0)
+    mc.network, mc.attention_resolutions = network, ""
+    dc = DiffusionConfig(diffusion_steps=50, learn_sigma=False, prediction="x0", x0_tanh=network == "decoupled",
+                         mask_scale=0.1, self_condition=True)
+    trainer = DiffusionTrainer(mc, dc, data, tc, CPU)
+    model = randomised(trainer.model, std=0.1).train()  # no zero-initialised output layer stops the gradients
+    encoder = model.backbone if network == "decoupled" else model.cond_encoder
+    image, mask = one_batch(trainer)
+    loss, _ = trainer.compute_loss(image, mask)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    dice_bce_loss(model.encode_condition(image).calib_logits, mask).mean().backward()  # the calibration loss alone
+    for name, prm in encoder.named_parameters():
+        prefix = "backbone." if network == "decoupled" else "cond_encoder."
+        torch.testing.assert_close(got.get(prefix + name, torch.zeros_like(prm)),
+                                   torch.zeros_like(prm) if prm.grad is None else prm.grad, atol=1e-7, rtol=1e-5)
+    others = [g for n, g in got.items() if not n.startswith(("backbone.", "cond_encoder."))]
+    assert others and sum(g.abs().sum() for g in others) > 0  # the denoiser itself still trains
+
+
+def test_detach_condition_needs_an_image_encoder(tmp_path, syn_dir):
+    mc, _, data, tc = tiny(tmp_path, syn_dir, learn_sigma=False, detach_condition=True)
+    mc.network, mc.attention_resolutions = "unet", ""
+    with pytest.raises(ValueError, match="--detach_condition True needs an image encoder"):
+        DiffusionTrainer(mc, DiffusionConfig(diffusion_steps=50, learn_sigma=False), data, tc, CPU)
