@@ -171,7 +171,8 @@ class TrainConfig(RunConfig):
     detach_condition: bool = field(default=False, metadata={"help": "the image encoding enters the denoiser "
                                                                      "detached: only the calibration loss trains the "
                                                                      "image encoder (with --network decoupled the "
-                                                                     "backbone then trains as the plain UNet does)"})
+                                                                     "backbone then trains as the plain UNet does, "
+                                                                     "up to the shared --grad_clip norm)"})
     diffusion_batch: int = field(default=0, metadata={"help": "images of each batch (per process) that the diffusion "
                                                               "losses train on, the first ones; the calibration loss "
                                                               "trains on all (0: all). With --network decoupled the "

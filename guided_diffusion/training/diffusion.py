@@ -22,7 +22,8 @@ Cost and coupling:
                       calibration loss on all: with --network decoupled a step costs one backbone pass on the batch
                       and head passes on k images;
   --detach_condition  the denoiser's losses stop at the image encoding, so only the calibration loss trains the
-                      encoder (--network decoupled: the backbone trains exactly as the plain UNet).
+                      encoder (--network decoupled: the backbone trains as the plain UNet, except that the
+                      --grad_clip norm still includes the head's gradients).
 """
 from __future__ import annotations
 
