@@ -313,15 +313,13 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
     for name in ablation_names(cfg.ablations):
         models[name] = train_diffusion(cfg, name, ABLATIONS[name][1], info)
 
-    rows = sample_rows(cfg, UNET, unet_run, [RowSpec("preseg", 1)], info.device, cfg.max_images)
+    rows = main_rows(cfg, models[MAIN], unet_run, info.device)
     unet = rows[0].row
-    rows += sample_rows(cfg, MAIN, models[MAIN], parse_samplers(cfg.samplers, "--samplers"), info.device,
-                        cfg.max_images)
+    by_seed = {cfg.seed: list(rows)}
     for name in ablation_names(cfg.ablations):
-        rows += sample_rows(cfg, name, models[name], parse_samplers(cfg.ablation_samplers, "--ablation_samplers"),
-                            info.device, cfg.max_images)
-    rows = [rows[0]] + [paired_delta(q, unet) for q in rows[1:]]
-    by_seed = {cfg.seed: rows[:1 + len(parse_samplers(cfg.samplers, "--samplers"))]}
+        rows += [paired_delta(q, unet) for q in sample_rows(
+            cfg, name, models[name], parse_samplers(cfg.ablation_samplers, "--ablation_samplers"), info.device,
+            cfg.max_images)]
     runs = [(name, name, run) for name, run in models.items()] + [(UNET, UNET, unet_run)]
     for k in extra_seeds(cfg):
         by_seed[k], seed_runs = another_seed(cfg, k, info)
@@ -362,10 +360,16 @@ def another_seed(cfg: QualityConfig, seed: int, info: distributed.DistInfo):
     ck = replace(cfg, seed=seed, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), ablations="", extra_seeds="")
     main = train_diffusion(ck, MAIN, "", info)
     unet = train_unet(ck, main)
-    rows = sample_rows(ck, UNET, unet, [RowSpec("preseg", 1)], info.device, cfg.max_images)
-    rows += sample_rows(ck, MAIN, main, parse_samplers(cfg.samplers, "--samplers"), info.device, cfg.max_images)
-    rows = [rows[0]] + [paired_delta(q, rows[0].row) for q in rows[1:]]
-    return rows, [(f"{MAIN} (seed {seed})", MAIN, main), (f"{UNET} (seed {seed})", UNET, unet)]
+    return main_rows(ck, main, unet, info.device), [(f"{MAIN} (seed {seed})", MAIN, main),
+                                                    (f"{UNET} (seed {seed})", UNET, unet)]
+
+
+def main_rows(cfg: QualityConfig, main: Path, unet: Path, device: torch.device) -> list[QualityRow]:
+    """The plain UNet's row, then the main model's with every sampler of --samplers, each with its paired
+    difference to that UNet."""
+    rows = sample_rows(cfg, UNET, unet, [RowSpec("preseg", 1)], device, cfg.max_images)
+    rows += sample_rows(cfg, MAIN, main, parse_samplers(cfg.samplers, "--samplers"), device, cfg.max_images)
+    return [rows[0]] + [paired_delta(q, rows[0].row) for q in rows[1:]]
 
 
 def note_lines(cfg: QualityConfig, runs: list[tuple[str, str, Path]], seconds: float) -> str:
