@@ -50,6 +50,8 @@ class ModelConfig:
                                                                  "image, once per image, and a light mask head run "
                                                                  "at every step)"})
     head_blocks: int = field(default=2, metadata={"help": "--network decoupled: residual blocks of the mask head"})
+    head_channels: int = field(default=0, metadata={"help": "--network decoupled: width of the mask head (default 0: "
+                                                            "the backbone's first-level width)"})
 
 
 @dataclass
@@ -297,6 +299,8 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
                          f"image to its first layer")
     if model.head_blocks < 1:
         raise ValueError(f"--head_blocks must be >= 1, got {model.head_blocks}")
+    if model.head_channels < 0:
+        raise ValueError(f"--head_channels must be >= 1 (or 0: the backbone's width), got {model.head_channels}")
     if diffusion.prediction not in ("eps", "x0", "v"):
         raise ValueError(f"--prediction must be eps, x0 or v, got {diffusion.prediction!r}")
     if diffusion.x0_tanh and diffusion.prediction != "x0":
@@ -313,8 +317,9 @@ def unused_model_flags(model: ModelConfig) -> list[str]:
         if model.attention_resolutions.strip():
             unused.append(f"--attention_resolutions {model.attention_resolutions}")
         unused += [f"--{name} True" for name in ("use_scale_shift_norm", "use_checkpoint") if getattr(model, name)]
-    if model.network != "decoupled" and model.head_blocks != ModelConfig.head_blocks:
-        unused.append(f"--head_blocks {model.head_blocks}")
+    if model.network != "decoupled":
+        unused += [f"--{name} {getattr(model, name)}" for name in ("head_blocks", "head_channels")
+                   if getattr(model, name) != getattr(ModelConfig, name)]
     return unused
 
 
@@ -357,7 +362,7 @@ def create_model(model: ModelConfig, diffusion: DiffusionConfig):
                              image_channels=image_channels, num_res_blocks=model.num_res_blocks, channel_mult=mult,
                              dropout=model.dropout, learn_sigma=diffusion.learn_sigma,
                              self_condition=diffusion.self_condition, x0_tanh_scale=x0_tanh,
-                             head_blocks=model.head_blocks)
+                             head_blocks=model.head_blocks, head_channels=model.head_channels)
     return MedSegDiffUNet(
         image_size=model.image_size,
         model_channels=model.num_channels,

@@ -40,11 +40,12 @@ class DecoupledUNet(nn.Module):
     def __init__(self, *, image_size: int, model_channels: int, num_res_blocks: int = 1,
                  channel_mult: tuple[int, ...] | None = None, dropout: float = 0.0, learn_sigma: bool = False,
                  image_channels: int = 3, mask_channels: int = 1, self_condition: bool = False,
-                 x0_tanh_scale: float | None = None, head_blocks: int = 2) -> None:
+                 x0_tanh_scale: float | None = None, head_blocks: int = 2,
+                 head_channels: int = 0) -> None:
         super().__init__()
         mult = tuple(channel_mult or default_channel_mult(image_size))
-        if head_blocks < 1:
-            raise ValueError(f"head_blocks must be >= 1, got {head_blocks}")
+        if head_blocks < 1 or head_channels < 0:
+            raise ValueError(f"head_blocks must be >= 1 and head_channels >= 0, got {head_blocks}, {head_channels}")
         cfg = AuxNetConfig(image_size=image_size, num_channels=model_channels, num_res_blocks=num_res_blocks,
                            channel_mult=",".join(str(m) for m in mult), dropout=dropout)
         self.image_size, self.image_channels, self.mask_channels = image_size, image_channels, mask_channels
@@ -52,9 +53,10 @@ class DecoupledUNet(nn.Module):
         self.self_condition, self.learn_sigma, self.x0_tanh_scale = self_condition, learn_sigma, x0_tanh_scale
         self.out_channels = mask_channels * (2 if learn_sigma else 1)
         self.backbone = AuxUNet(cfg, image_channels, image_channels, timed=False, out_channels=mask_channels)
-        width, emb = model_channels * mult[0], 4 * model_channels
+        features, emb = model_channels * mult[0], 4 * model_channels
+        width = head_channels or features
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
-        in_channels = mask_channels * (3 if self_condition else 2) + width  # x_t [, x0 estimate], calib, features
+        in_channels = mask_channels * (3 if self_condition else 2) + features  # x_t [, x0 estimate], calib, features
         self.head_in = nn.Conv2d(in_channels, width, 3, padding=1)
         self.head = nn.ModuleList([ResBlock(width, width, emb, dropout) for _ in range(head_blocks)])
         self.head_out = nn.Sequential(normalization(width), nn.SiLU(),

@@ -108,3 +108,22 @@ def test_factory_builds_it_and_checks_its_flags():
         create_model(ModelConfig(image_size=16, network="decoupled", image_concat=True), DiffusionConfig())
     with pytest.raises(ValueError, match="--head_blocks must be >= 1"):
         create_model(ModelConfig(image_size=16, network="decoupled", head_blocks=0), DiffusionConfig())
+    with pytest.raises(ValueError, match="--head_channels must be >= 1"):
+        create_model(ModelConfig(image_size=16, network="decoupled", head_channels=-1), DiffusionConfig())
+
+
+def test_head_channels_sets_the_head_width_and_not_the_backbone():
+    """--head_channels 0 is the backbone's first width (the layout of the models trained before the flag); another
+    value changes only the head's layers, which still read the backbone's full feature map."""
+    diffusion = DiffusionConfig(learn_sigma=False, prediction="x0", self_condition=True)
+    default = create_model(ModelConfig(image_size=16, num_channels=8, network="decoupled"), diffusion)
+    narrow = create_model(ModelConfig(image_size=16, num_channels=8, network="decoupled", head_channels=4,
+                                      head_blocks=1), diffusion)
+    assert tuple(default.head_in.weight.shape) == (8, 3 + 8, 3, 3)
+    assert tuple(narrow.head_in.weight.shape) == (4, 3 + 8, 3, 3)
+    assert narrow.head_out[-1].in_channels == 4 and len(narrow.head) == 1
+    assert default.backbone.state_dict().keys() == narrow.backbone.state_dict().keys()
+    assert [a.shape for a in default.backbone.state_dict().values()] == \
+        [b.shape for b in narrow.backbone.state_dict().values()]
+    x, image = torch.randn(2, 1, 16, 16), torch.rand(2, 3, 16, 16)
+    assert narrow(x, torch.tensor([3, 900]), image=image, self_cond=x).shape == (2, 1, 16, 16)
