@@ -113,6 +113,26 @@ def test_step_sampler_shards_the_global_batch():
     assert [next(it) for _ in range(6)] == single[12:18]
 
 
+def test_seeded_items_draw_from_their_seed_and_leave_the_global_stream_alone():
+    """Item (i, s) is what the base dataset draws right after torch.manual_seed(s), whatever the RNG state before,
+    and the caller's CPU stream goes on as if the item had not been drawn."""
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.rand(4) + i
+
+    items = core.SeededItems(Draws())
+    torch.manual_seed(5)
+    expected = Draws()[2]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert torch.equal(items[(2, 5)], expected)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not torch.equal(items[(2, 6)], expected)
+
+
 def test_ff_parser_filters_are_not_decayed():
     from guided_diffusion.config import create_model
     model = create_model(ModelConfig(image_size=16, num_channels=8, num_res_blocks=1), DiffusionConfig())
