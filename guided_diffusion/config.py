@@ -52,6 +52,10 @@ class ModelConfig:
     head_blocks: int = field(default=2, metadata={"help": "--network decoupled: residual blocks of the mask head"})
     head_channels: int = field(default=0, metadata={"help": "--network decoupled: width of the mask head (default 0: "
                                                             "the backbone's first-level width)"})
+    head_stride: int = field(default=1, metadata={"help": "--network decoupled: the mask head runs at 1/s of the "
+                                                          "mask's resolution (inputs pixel-unshuffled, output "
+                                                          "pixel-shuffled back, so it costs less; default 1: full "
+                                                          "resolution)"})
 
 
 @dataclass
@@ -301,6 +305,9 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
         raise ValueError(f"--head_blocks must be >= 1, got {model.head_blocks}")
     if model.head_channels < 0:
         raise ValueError(f"--head_channels must be >= 1 (or 0: the backbone's width), got {model.head_channels}")
+    if model.head_stride < 1 or model.image_size % model.head_stride:
+        raise ValueError(f"--head_stride must be >= 1 and divide --image_size {model.image_size}, got "
+                         f"{model.head_stride}")
     if diffusion.prediction not in ("eps", "x0", "v"):
         raise ValueError(f"--prediction must be eps, x0 or v, got {diffusion.prediction!r}")
     if diffusion.x0_tanh and diffusion.prediction != "x0":
@@ -318,7 +325,7 @@ def unused_model_flags(model: ModelConfig) -> list[str]:
             unused.append(f"--attention_resolutions {model.attention_resolutions}")
         unused += [f"--{name} True" for name in ("use_scale_shift_norm", "use_checkpoint") if getattr(model, name)]
     if model.network != "decoupled":
-        unused += [f"--{name} {getattr(model, name)}" for name in ("head_blocks", "head_channels")
+        unused += [f"--{name} {getattr(model, name)}" for name in ("head_blocks", "head_channels", "head_stride")
                    if getattr(model, name) != getattr(ModelConfig, name)]
     return unused
 
@@ -362,7 +369,8 @@ def create_model(model: ModelConfig, diffusion: DiffusionConfig):
                              image_channels=image_channels, num_res_blocks=model.num_res_blocks, channel_mult=mult,
                              dropout=model.dropout, learn_sigma=diffusion.learn_sigma,
                              self_condition=diffusion.self_condition, x0_tanh_scale=x0_tanh,
-                             head_blocks=model.head_blocks, head_channels=model.head_channels)
+                             head_blocks=model.head_blocks, head_channels=model.head_channels,
+                             head_stride=model.head_stride)
     return MedSegDiffUNet(
         image_size=model.image_size,
         model_channels=model.num_channels,

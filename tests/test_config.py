@@ -45,8 +45,8 @@ def test_flags_the_network_does_not_use_are_named():
     assert unused_model_flags(parse_train_args(SEED_FLAGS)[0]) == []  # medsegdiff uses them all
     assert unused_model_flags(ModelConfig(network="unet", attention_resolutions="", head_blocks=3)) == \
         ["--head_blocks 3"]
-    assert unused_model_flags(ModelConfig(network="medsegdiff", head_blocks=3, head_channels=8)) == \
-        ["--head_blocks 3", "--head_channels 8"]
+    assert unused_model_flags(ModelConfig(network="medsegdiff", head_blocks=3, head_channels=8, head_stride=2)) == \
+        ["--head_blocks 3", "--head_channels 8", "--head_stride 2"]
     assert unused_model_flags(ModelConfig(network="decoupled", attention_resolutions="", head_blocks=3)) == []
 
 
@@ -65,7 +65,7 @@ def test_a_checkpoint_from_before_the_new_fields_samples_as_an_eps_model(trained
     ckpt = torch.load(next(run.glob("model_*.pt")), map_location="cpu", weights_only=True)
     for key in ("prediction", "predict_xstart", "mask_scale", "self_condition"):
         ckpt["config"]["diffusion"].pop(key)
-    for key in ("image_concat", "head_blocks", "head_channels"):
+    for key in ("image_concat", "head_blocks", "head_channels", "head_stride"):
         ckpt["config"]["model"].pop(key)
     for key in ("mask_loss_weight", "mse_weight", "self_condition_rate", "recycle", "t_power", "preset",
                 "max_minutes"):

@@ -127,3 +127,64 @@ def test_head_channels_sets_the_head_width_and_not_the_backbone():
         [b.shape for b in narrow.backbone.state_dict().values()]
     x, image = torch.randn(2, 1, 16, 16), torch.rand(2, 3, 16, 16)
     assert narrow(x, torch.tensor([3, 900]), image=image, self_cond=x).shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_head_stride_runs_the_head_at_a_lower_resolution_and_loses_no_input_pixel(stride):
+    """--head_stride s: the mask-sized inputs enter as s x s blocks of pixels stacked into channels (so moving a value
+    inside a block changes the output), the features average-pooled, and the output returns at full size; a new
+    head still returns the calibration head's mask."""
+    net = randomised(net_of(head_stride=stride, x0_tanh_scale=None))
+    assert tuple(net.head_in.weight.shape) == (8, 3 * stride ** 2 + 8, 3, 3)
+    assert net.head_out[-1].out_channels == stride ** 2
+    x, t, image = batch()
+    out = assert_sees_its_inputs(net, x, t, image, torch.tensor([400.0, 400.0]))
+    assert out.shape == x.shape
+    moved = x.clone()
+    moved[:, :, 0, 0], moved[:, :, 0, 1] = x[:, :, 0, 1], x[:, :, 0, 0]  # the same block, the same mean
+    with torch.no_grad():
+        assert not torch.allclose(net(moved, t, image=image), out)
+    fresh = net_of(head_stride=stride)
+    randomised(fresh.backbone)
+    fresh.eval()
+    with torch.no_grad():
+        x0, calib = fresh(x, t, image=image, return_calib=True)
+    torch.testing.assert_close((x0 / 0.1 + 1) / 2, torch.sigmoid(calib))
+
+
+def test_head_stride_output_layout_is_one_channel_per_pixel_of_a_block():
+    """The head's s^2 output channels at low-resolution position (i, j) are the full-size pixels (s i + a, s j + b),
+    channel a s + b (the sub-pixel layout): with an output layer that writes k on channel k, every s x s block of
+    the correction reads 0 .. s^2 - 1 row by row."""
+    s = 4
+    net = net_of(head_stride=s, x0_tanh_scale=None, self_condition=False)
+    conv = net.head_out[-1]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.arange(s * s, dtype=torch.float32))
+        x, t, image = batch()
+        out = net(x, t, image=image)
+    expected = torch.arange(s * s, dtype=torch.float32).reshape(s, s).repeat(16 // s, 16 // s)
+    torch.testing.assert_close(out[0, 0], expected)
+    torch.testing.assert_close(out[1, 0], expected)
+
+
+def test_head_stride_checks():
+    with pytest.raises(ValueError, match="--head_stride must be >= 1 and divide --image_size 16, got 3"):
+        create_model(ModelConfig(image_size=16, network="decoupled", head_stride=3), DiffusionConfig())
+    with pytest.raises(ValueError, match="--head_stride must be >= 1"):
+        create_model(ModelConfig(image_size=16, network="decoupled", head_stride=0), DiffusionConfig())
+    net = net_of(head_stride=4)
+    with pytest.raises(ValueError, match="divisible by the head's stride 4"):
+        net(torch.randn(1, 1, 8, 6), torch.tensor([3]), image=torch.rand(1, 3, 8, 6))
+
+
+def test_a_strided_head_chain_runs_the_backbone_once_per_batch():
+    net = randomised(net_of(head_stride=2))
+    diffusion = create_gaussian_diffusion(DiffusionConfig(diffusion_steps=50, learn_sigma=False, prediction="x0",
+                                                          mask_scale=0.1, self_condition=True, x0_tanh=True))
+    calls = {"backbone": 0, "head": 0}
+    net.backbone.conv_in.register_forward_hook(lambda *a: calls.__setitem__("backbone", calls["backbone"] + 1))
+    net.head_out.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
+    result = sample_ensemble(net, diffusion, batch()[2], 2, SamplerSpec("ddim", steps=3), seeds=[1, 2])
+    assert result.members.shape == (2, 2, 16, 16) and calls == {"backbone": 1, "head": 3}
