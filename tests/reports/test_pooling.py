@@ -1,0 +1,89 @@
+"""Tests for reports/pooling.py and scripts/pool_quality.py: paired differences pooled over splits and seeds."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from guided_diffusion.evaluation.metrics import bootstrap_ci
+from guided_diffusion.reports.pooling import benchmark_runs, compare, row_title
+
+IDS = ["a", "b", "c"]
+
+
+def scored(run, row, dice, ids=IDS):
+    folder = run / "samples" / row / "eval"
+    folder.mkdir(parents=True)
+    pd.DataFrame({"id": ids, "dice": dice, "iou": dice}).to_csv(folder / "evaluation.csv", index=False)
+
+
+def benchmark(root, runs: dict):
+    """runs: {relative run folder: (solver, read-out, UNet) Dice per image}."""
+    for rel, (solver, one, unet) in runs.items():
+        run = root / rel
+        scored(run, "diffusion/dpm_solver++-10-n5", solver)
+        scored(run, "diffusion/ddim-1-n5", one)
+        scored(run, "plain_UNet/preseg-1-n5", unet)
+    return root
+
+
+def by_name(results):
+    return {p.name: p for p in results}
+
+
+def test_differences_are_averaged_over_a_splits_seeds_then_pooled_over_images(tmp_path):
+    s0 = benchmark(tmp_path / "split0", {".": ([.8, .7, .9], [.8, .6, .9], [.7, .7, .7]),
+                                         "seed1": ([.6, .7, .5], [.6, .7, .6], [.8, .6, .7])})
+    s1 = benchmark(tmp_path / "split1", {".": ([.5, .9, .4], [.5, .8, .4], [.6, .6, .6])})
+    scored(s1, "diffusion/ddpm-0-n5", [.4, .8], ids=["a", "b"])  # DDPM on the first two images only
+    (s0 / "seed1x").mkdir()  # not a run folder
+    assert benchmark_runs(s0) == [s0, s0 / "seed1"]
+    got = by_name(compare([s0, s1]))
+    # split 0: per image (0.1 + -0.2) / 2, (0 + 0.1) / 2, (0.2 - 0.2) / 2; split 1: -0.1, 0.3, -0.2
+    expected = np.array([-0.05, 0.05, 0.0, -0.1, 0.3, -0.2])
+    p = got["dpm_solver++ 10 − UNet"]
+    assert p.mean == pytest.approx(expected.mean()) and (p.images, p.runs) == (6, 3)
+    assert (p.low, p.high) == pytest.approx(bootstrap_ci(expected, n_boot=2000, seed=0))
+    assert p.per_run == pytest.approx([0.1, -0.1, 0.0])
+    read_out = got["dpm_solver++ 10 − ddim 1"]
+    assert read_out.mean == pytest.approx(np.mean([0, 0.05, -0.05, 0, 0.1, 0]))
+    ddpm = got["dpm_solver++ 10 − ddpm all"]  # only the images and the run DDPM sampled
+    assert (ddpm.mean, ddpm.images, ddpm.runs) == (pytest.approx(0.1), 2, 1)
+    assert got["ddpm all − UNet"].mean == pytest.approx(0.0) and got["ddpm all − UNet"].images == 2
+    assert set(got) == {"ddim 1 − UNet", "ddpm all − UNet", "dpm_solver++ 10 − UNet", "dpm_solver++ 10 − ddim 1",
+                        "dpm_solver++ 10 − ddpm all"}
+
+
+def test_against_pairs_the_same_split_and_seed_and_skips_runs_the_other_lacks(tmp_path):
+    new = benchmark(tmp_path / "new", {".": ([.8, .8, .8], [.8, .8, .8], [.7] * 3),
+                                       "seed1": ([.5, .5, .5], [.5, .5, .5], [.7] * 3)})
+    old = benchmark(tmp_path / "old", {".": ([.6, .9, .8], [.6, .9, .8], [.7] * 3)})
+    p = by_name(compare([new], against=[old]))["dpm_solver++ 10 − the other benchmark's"]
+    assert p.mean == pytest.approx(np.mean([0.2, -0.1, 0.0])) and p.runs == 1
+    with pytest.raises(ValueError, match="one folder per benchmark folder"):
+        compare([new], against=[old, old])
+
+
+def test_bad_folders_are_errors_that_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a benchmark_quality.py folder"):
+        compare([tmp_path])
+    (tmp_path / "samples").mkdir()
+    with pytest.raises(FileNotFoundError, match="no scored rows"):
+        compare([tmp_path])
+
+
+@pytest.mark.slow
+def test_the_script_prints_and_writes_the_table_and_refuses_a_bad_folder(tmp_path, script):
+    s0 = benchmark(tmp_path / "split0", {".": ([.8, .7, .9], [.8, .6, .9], [.7, .7, .7])})
+    result = script("pool_quality.py", s0, "--out", tmp_path / "pooled.md")
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("| dpm_solver++ 10 − UNet"))
+    assert "| +0.100 [" in line and (tmp_path / "pooled.md").read_text() == result.stdout
+    bad = script("pool_quality.py", tmp_path / "nothing")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+    assert "nothing is not a benchmark_quality.py folder" in bad.stderr
+
+
+def test_row_titles():
+    assert row_title("dpm_solver++-10-n5") == "dpm_solver++ 10"
+    assert row_title("sde-dpm_solver++-10-n5") == "sde-dpm_solver++ 10"
+    assert row_title("dpm_solver++-10-n5-seed") == "dpm_solver++ 10 (seed)"
+    assert row_title("ddpm-0-n5") == "ddpm all"
