@@ -9,14 +9,18 @@ through the same pipeline; scores every folder at the images' original size; and
 with the paired Dice difference to the UNet and its bootstrap CI), quality.csv and quality.png (Dice against NFE,
 the UNet as a line). With --extra_seeds the main model and the UNet are trained and sampled again with each seed
 (into <out_dir>/seed<k>/), and the report adds a table over the seeds (quality_seeds.csv): each seed's Dice and
-paired difference to its own UNet, and the per-image difference averaged over the seeds with its CI. Re-running
-continues: finished trainings are not redone and finished masks are kept.
+paired difference to its own UNet, and the per-image difference averaged over the seeds with its CI. Every model is
+trained before any is sampled; --jobs N trains N at a time in subprocesses, the diffusion model and the UNet of a
+seed side by side, each with an equal share of the CPU threads (the README's protocol: --jobs 2 on 2 cores, one
+thread per model). Re-running continues: finished trainings are not redone and finished masks are kept.
 """
 from __future__ import annotations
 
 import csv
 import io
+import os
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -104,6 +108,10 @@ class QualityConfig:
                                                            "20 test images differ by several Dice points from seed "
                                                            "to seed)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split"})
+    jobs: int = field(default=1, metadata={"help": "models trained at a time, each in its own process with an equal "
+                                                   "share of the CPU threads (default 1: one after the other, in "
+                                                   "this process); the diffusion model and the UNet of a seed start "
+                                                   "together, so both train under the same machine load"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     plot_dir: str = field(default="", metadata={"help": "also write the figure here (e.g. readme)"})
 
@@ -168,6 +176,8 @@ def validate(cfg: QualityConfig) -> None:
         raise ValueError(f"--minutes must be > 0, got {cfg.minutes}")
     if cfg.ddpm_images < 0 or cfg.max_images < 0 or cfg.num_ensemble < 1:
         raise ValueError("--ddpm_images and --max_images must be >= 0, --num_ensemble >= 1")
+    if cfg.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {cfg.jobs}")
     parse_samplers(cfg.samplers, "--samplers")
     parse_samplers(cfg.ablation_samplers, "--ablation_samplers")
     ablation_names(cfg.ablations)
@@ -186,26 +196,92 @@ def diffusion_argv(cfg: QualityConfig, name: str, variant_flags: str) -> list[st
     return argv
 
 
-def train_diffusion(cfg: QualityConfig, name: str, variant_flags: str, info: distributed.DistInfo) -> Path:
-    from guided_diffusion.training.diffusion import DiffusionTrainer
+@dataclass(frozen=True)
+class TrainJob:
+    """One model to train: its name, the training script and its command line (parsed before any training)."""
+    name: str
+    script: str
+    argv: tuple[str, ...]
 
-    argv = diffusion_argv(cfg, name, variant_flags)
-    print(f"== training {name}: segmentation_train.py {' '.join(argv)}", flush=True)
-    model, diffusion, data, train = parse_train_args(argv)
-    DiffusionTrainer(model, diffusion, data, train, info).run()
-    return Path(train.out_dir)
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.argv[self.argv.index("--out_dir") + 1])
 
 
-def train_unet(cfg: QualityConfig, split_from: Path) -> Path:
+def diffusion_job(cfg: QualityConfig, name: str, variant_flags: str) -> TrainJob:
+    return TrainJob(name, "segmentation_train.py", tuple(diffusion_argv(cfg, name, variant_flags)))
+
+
+def unet_job(cfg: QualityConfig) -> TrainJob:
+    """train_preseg_network.py on the split the diffusion run draws (the same data flags and --split_seed; the
+    splits are compared once both are trained), so the two can train at the same time."""
     from guided_diffusion.training import auxiliary
 
-    out = Path(cfg.out_dir) / "models" / "unet"
-    argv = ["--split_from", str(split_from), "--out_dir", str(out), "--max_minutes", str(cfg.minutes),
-            "--max_steps", str(10 ** 9), "--seed", str(cfg.seed), "--num_workers", "0", "--device", cfg.device,
-            *shlex.split(cfg.unet_flags)]
-    print(f"== training the plain UNet: train_preseg_network.py {' '.join(argv)}", flush=True)
-    auxiliary.train_aux("preseg", vars(auxiliary.aux_parser("preseg").parse_args(argv)))
-    return out
+    argv = ["--data_name", cfg.data_name, "--data_dir", cfg.data_dir, "--image_size", str(cfg.image_size),
+            "--split_seed", str(cfg.split_seed), "--out_dir", str(Path(cfg.out_dir) / "models" / "unet"),
+            "--max_minutes", str(cfg.minutes), "--max_steps", str(10 ** 9), "--seed", str(cfg.seed),
+            "--num_workers", "0", "--device", cfg.device, *shlex.split(cfg.unet_flags)]
+    auxiliary.aux_parser("preseg").parse_args(argv)
+    return TrainJob(UNET, "train_preseg_network.py", tuple(argv))
+
+
+def train_in_process(job: TrainJob, info: distributed.DistInfo) -> None:
+    from guided_diffusion.training import auxiliary
+    from guided_diffusion.training.diffusion import DiffusionTrainer
+
+    print(f"== training {job.name}: {job.script} {shlex.join(job.argv)}", flush=True)
+    if job.script == "train_preseg_network.py":
+        auxiliary.train_aux("preseg", vars(auxiliary.aux_parser("preseg").parse_args(list(job.argv))))
+    else:
+        DiffusionTrainer(*parse_train_args(list(job.argv)), info).run()
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def train_all(cfg: QualityConfig, jobs: list[TrainJob], info: distributed.DistInfo) -> None:
+    """Train every job: in this process one after the other (--jobs 1), else --jobs at a time in subprocesses,
+    each with usable CPUs / --jobs threads and its output in <out_dir>.log, in list order."""
+    if cfg.jobs == 1:
+        for job in jobs:
+            train_in_process(job, info)
+        return
+    threads = max(1, usable_cpus() // cfg.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    waiting, running, failed = list(jobs), [], []
+    while waiting or running:
+        while waiting and len(running) < cfg.jobs:
+            job = waiting.pop(0)
+            log = job.out_dir.with_suffix(".log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"== training {job.name} ({threads} thread(s), output in {log}): {job.script} "
+                  f"{shlex.join(job.argv)}", flush=True)
+            with open(log, "w") as handle:
+                proc = subprocess.Popen([sys.executable, str(scripts / job.script), *job.argv], env=env,
+                                        stdout=handle, stderr=subprocess.STDOUT)
+            running.append((job, proc, log))
+        time.sleep(0.5)
+        for entry in [r for r in running if r[1].poll() is not None]:
+            running.remove(entry)
+            job, proc, log = entry
+            if proc.returncode:
+                last = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
+                failed.append(f"{job.name} in {job.out_dir} (exit {proc.returncode}: {last})")
+    if failed:
+        raise RuntimeError("training failed: " + "; ".join(failed))
+
+
+def check_same_split(main: Path, unet: Path) -> None:
+    """The plain UNet and the diffusion model must have trained on the same split (they draw it from the same
+    data flags and --split_seed)."""
+    from guided_diffusion.data.datasets import SPLITS, load_split
+    from guided_diffusion.layout import SPLIT_FILE
+
+    a, b = load_split(main / SPLIT_FILE), load_split(unet / SPLIT_FILE)
+    if any(a[k] != b[k] for k in SPLITS):
+        raise ValueError(f"{unet} trained on another split than {main}; remove {unet} and run again")
 
 
 def sample_rows(cfg: QualityConfig, model: str, run: Path, rows: list[RowSpec], device: torch.device,
@@ -308,10 +384,14 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
     if info.distributed:
         raise ValueError("the quality benchmark runs as one process")
     out = Path(cfg.out_dir)
-    models = {MAIN: train_diffusion(cfg, MAIN, "", info)}
-    unet_run = train_unet(cfg, models[MAIN])
-    for name in ablation_names(cfg.ablations):
-        models[name] = train_diffusion(cfg, name, ABLATIONS[name][1], info)
+    seeds = {k: seed_config(cfg, k) for k in extra_seeds(cfg)}
+    pair = [diffusion_job(cfg, MAIN, ""), unet_job(cfg)]  # trained side by side under --jobs 2
+    ablations = {name: diffusion_job(cfg, name, ABLATIONS[name][1]) for name in ablation_names(cfg.ablations)}
+    train_all(cfg, [*pair, *ablations.values(),
+                    *[job for ck in seeds.values() for job in (diffusion_job(ck, MAIN, ""), unet_job(ck))]], info)
+    models = {MAIN: pair[0].out_dir, **{name: job.out_dir for name, job in ablations.items()}}
+    unet_run = pair[1].out_dir
+    check_same_split(models[MAIN], unet_run)
 
     rows = main_rows(cfg, models[MAIN], unet_run, info.device)
     unet = rows[0].row
@@ -321,8 +401,8 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
             cfg, name, models[name], parse_samplers(cfg.ablation_samplers, "--ablation_samplers"), info.device,
             cfg.max_images)]
     runs = [(name, name, run) for name, run in models.items()] + [(UNET, UNET, unet_run)]
-    for k in extra_seeds(cfg):
-        by_seed[k], seed_runs = another_seed(cfg, k, info)
+    for k, ck in seeds.items():
+        by_seed[k], seed_runs = another_seed(ck, info)
         runs += seed_runs
     lines = [f"# Quality: {cfg.data_name} ({cfg.data_dir}), {cfg.image_size} px, {cfg.minutes:g} training minutes "
              f"per model", "", f"command: {command}" if command else "", "",
@@ -354,14 +434,18 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
     return report
 
 
-def another_seed(cfg: QualityConfig, seed: int, info: distributed.DistInfo):
-    """The main model and the plain UNet trained again with another seed into <out_dir>/seed<k>/ and sampled with
-    --samplers: their rows (UNet first, deltas to this seed's UNet) and (label, name, run) of the two runs."""
-    ck = replace(cfg, seed=seed, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), ablations="", extra_seeds="")
-    main = train_diffusion(ck, MAIN, "", info)
-    unet = train_unet(ck, main)
-    return main_rows(ck, main, unet, info.device), [(f"{MAIN} (seed {seed})", MAIN, main),
-                                                    (f"{UNET} (seed {seed})", UNET, unet)]
+def seed_config(cfg: QualityConfig, seed: int) -> QualityConfig:
+    """The benchmark of another training seed: the main model and the plain UNet only, in <out_dir>/seed<k>/."""
+    return replace(cfg, seed=seed, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), ablations="", extra_seeds="")
+
+
+def another_seed(ck: QualityConfig, info: distributed.DistInfo):
+    """Another seed's trained main model and plain UNet (seed_config) sampled with --samplers: their rows (UNet
+    first, deltas to this seed's UNet) and (label, name, run) of the two runs."""
+    main, unet = Path(ck.out_dir) / "models" / MAIN, Path(ck.out_dir) / "models" / "unet"
+    check_same_split(main, unet)
+    return main_rows(ck, main, unet, info.device), [(f"{MAIN} (seed {ck.seed})", MAIN, main),
+                                                    (f"{UNET} (seed {ck.seed})", UNET, unet)]
 
 
 def main_rows(cfg: QualityConfig, main: Path, unet: Path, device: torch.device) -> list[QualityRow]:

@@ -74,6 +74,32 @@ def test_extra_seeds_train_the_main_model_and_the_unet_again_and_pool_their_pair
     assert "Over the training seeds 0, 3" in (out / "quality.md").read_text()
 
 
+@pytest.mark.slow
+def test_jobs_train_the_models_side_by_side_in_subprocesses_on_one_split(tmp_path, run_script):
+    from guided_diffusion.data.datasets import load_split, make_synthetic
+
+    make_synthetic(tmp_path / "data", num_images=20)
+    out = tmp_path / "q"
+    args = ["--data_name", "SYNTHETIC", "--data_dir", tmp_path / "data", "--image_size", 16, "--minutes", 0.01,
+            "--out_dir", out, "--ddpm_images", 0, "--num_ensemble", 2, "--max_images", 3, "--device", "cpu",
+            "--samplers", "ddim:1", "--extra_seeds", "1", "--split_seed", 4, "--jobs", 2,
+            "--diffusion_flags", "--diffusion_steps 20 --num_channels 8", "--unet_flags", "--num_channels 8"]
+    run_script("benchmark_quality.py", *args)
+    for root in (out, out / "seed1"):
+        for name in ("diffusion", "unet"):
+            assert "done: step" in (root / "models" / f"{name}.log").read_text()  # trained in a subprocess
+        assert load_split(root / "models" / "diffusion" / "split.json") == \
+            load_split(root / "models" / "unet" / "split.json")
+    assert load_checkpoint_seed(out / "seed1" / "models" / "unet") == 1
+    rows = list(csv.DictReader(open(out / "quality.csv")))
+    assert [(r["model"], r["sampler"]) for r in rows] == [("plain UNet", "preseg"), ("diffusion", "ddim")]
+    bad = tmp_path / "bad"
+    (bad / "models").mkdir(parents=True)
+    (bad / "models" / "unet").write_text("a file where the UNet's run folder goes")
+    with pytest.raises(RuntimeError, match=r"training failed: plain UNet in .*unet \(exit 2: error: "):
+        run_script("benchmark_quality.py", *args[:9], bad, *args[10:])
+
+
 def load_checkpoint_seed(run) -> int:
     from guided_diffusion.checkpoint import load_checkpoint
 
@@ -85,6 +111,7 @@ def test_bad_quality_flags_fail_before_any_training(tmp_path):
     for change, needle in (({"ablations": "nope"}, "--ablations: unknown 'nope'"),
                            ({"samplers": "euler:3"}, "--samplers: unknown sampler 'euler'"),
                            ({"minutes": 0.0}, "--minutes must be > 0"),
+                           ({"jobs": 0}, "--jobs must be >= 1"),
                            ({"extra_seeds": "0,1"}, "--extra_seeds 0,1 repeats a seed"),
                            ({"extra_seeds": "one"}, "--extra_seeds must be comma-separated integers"),
                            ({"diffusion_flags": "--prediction score"}, "--prediction must be")):
