@@ -64,10 +64,10 @@ def run_dice(run: Path, row: str) -> pd.Series | None:
 
 def pooled(name: str, splits: list[list[pd.Series]], n_boot: int = 2000) -> Pooled | None:
     """The pooled difference of per-run per-image differences grouped by split (None when no run has both)."""
-    runs = [d for runs in splits for d in runs]
+    runs = [d for split in splits for d in split]
     if not runs:
         return None
-    per_image = np.concatenate([pd.concat(runs, axis=1).mean(axis=1).to_numpy() for runs in splits if runs])
+    per_image = np.concatenate([pd.concat(split, axis=1).mean(axis=1).to_numpy() for split in splits if split])
     per_image = per_image[np.isfinite(per_image)]
     low, high = bootstrap_ci(per_image, n_boot=n_boot, seed=0)
     return Pooled(name, float(per_image.mean()), low, high, per_image.size, len(runs),
