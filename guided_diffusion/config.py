@@ -199,10 +199,10 @@ class TrainConfig(RunConfig):
 
 # The recipes behind --preset: values for flags the user did not give (measured in the README's "Quality" section).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(network="decoupled", image_concat=False, num_channels=16, num_res_blocks=1, attention_resolutions="",
-                learn_sigma=False, prediction="x0", x0_tanh=True, mask_scale=0.1, self_condition=True, mask_loss_weight=1.0,
-                t_power=0.5, batch_size=8, lr=1e-3, ema_rate=0.995, num_workers=0, save_interval=1000,
-                log_interval=50),
+    "cpu": dict(network="decoupled", head_stride=4, image_concat=False, num_channels=16, num_res_blocks=1,
+                attention_resolutions="", learn_sigma=False, prediction="x0", x0_tanh=True, mask_scale=0.1,
+                self_condition=True, mask_loss_weight=1.0, t_power=0.5, batch_size=8, lr=1e-3, ema_rate=0.995,
+                num_workers=0, save_interval=1000, log_interval=50),
 }
 
 
@@ -316,17 +316,18 @@ def validate(model: ModelConfig, diffusion: DiffusionConfig) -> None:
         raise ValueError(f"--mask_scale must be > 0, got {diffusion.mask_scale}")
 
 
-def unused_model_flags(model: ModelConfig) -> list[str]:
+def unused_model_flags(model: ModelConfig, preset: str = "none") -> list[str]:
     """The model flags whose values the chosen --network does not use (unet and decoupled have no attention and
-    plain residual blocks; only decoupled has a mask head; only medsegdiff concatenates the image)."""
-    unused = []
+    plain residual blocks; only decoupled has a mask head; only medsegdiff concatenates the image); a mask-head value
+    that is the default or the --preset's is not named."""
+    unused, usual = [], PRESETS.get(preset, {})
     if model.network != "medsegdiff":
         if model.attention_resolutions.strip():
             unused.append(f"--attention_resolutions {model.attention_resolutions}")
         unused += [f"--{name} True" for name in ("use_scale_shift_norm", "use_checkpoint") if getattr(model, name)]
     if model.network != "decoupled":
         unused += [f"--{name} {getattr(model, name)}" for name in ("head_blocks", "head_channels", "head_stride")
-                   if getattr(model, name) != getattr(ModelConfig, name)]
+                   if getattr(model, name) not in (getattr(ModelConfig, name), usual.get(name))]
     return unused
 
 

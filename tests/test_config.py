@@ -48,6 +48,9 @@ def test_flags_the_network_does_not_use_are_named():
     assert unused_model_flags(ModelConfig(network="medsegdiff", head_blocks=3, head_channels=8, head_stride=2)) == \
         ["--head_blocks 3", "--head_channels 8", "--head_stride 2"]
     assert unused_model_flags(ModelConfig(network="decoupled", attention_resolutions="", head_blocks=3)) == []
+    for flags, named in (([], []), (["--head_stride", "2"], ["--head_stride 2"])):  # not the preset's own value
+        model = parse_train_args(["--preset", "cpu", "--network", "medsegdiff", *flags])[0]
+        assert unused_model_flags(model, "cpu") == named
 
 
 def test_predict_xstart_is_the_x0_target():

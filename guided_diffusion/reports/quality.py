@@ -56,6 +56,8 @@ ABLATIONS: dict[str, tuple[str, str]] = {
     "no-tanh": ("an unbounded x0 output instead of b tanh(calibration logit / 2 + head): the head predicts x0 "
                 "itself, not a correction of the one-pass mask", "--x0_tanh False"),
     "head1": ("a mask head of one residual block instead of two", "--head_blocks 1"),
+    "head-full": ("the mask head at full resolution (--head_stride 1, the preset's head before --head_stride 4)",
+                  "--head_stride 1"),
     "no-selfcond": ("without self-conditioning", "--self_condition False"),
     "no-maskloss": ("without the Dice + BCE on the x0 estimate", "--mask_loss_weight 0"),
     "b1": ("masks in {-1, 1} (mask scale 1)", "--mask_scale 1"),

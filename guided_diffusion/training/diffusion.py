@@ -57,7 +57,7 @@ class DiffusionTrainer(Trainer):
         if train_cfg.detach_condition and model_cfg.network == "unet":
             raise ValueError("--detach_condition True needs an image encoder trained by the calibration loss "
                              "(--network decoupled or medsegdiff); --network unet has none")
-        unused = unused_model_flags(model_cfg)
+        unused = unused_model_flags(model_cfg, train_cfg.preset)
         if unused and dist_info.is_main:
             print(f"note: --network {model_cfg.network} does not use {', '.join(unused)}", flush=True)
         resume = find_resume(train_cfg, self.kind, dist_info)
