@@ -398,6 +398,12 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
     rows = main_rows(cfg, models[MAIN], unet_run, info.device)
     unet = rows[0].row
     by_seed = {cfg.seed: list(rows)}
+    ddpm = [paired_delta(q, unet) for q in sample_rows(cfg, MAIN, models[MAIN], [RowSpec.sampler("ddpm", 0)],
+                                                       info.device, cfg.ddpm_images)] if cfg.ddpm_images else []
+    ddpm_ids = list(ddpm[0].scores.index) if ddpm else []
+    ddpm_on_all = bool(ddpm) and len(ddpm_ids) == len(unet.per_image)
+    if ddpm_on_all:  # DDPM on every test image: a row of the main table, not a second table
+        rows += ddpm
     for name in ablation_names(cfg.ablations):
         rows += [paired_delta(q, unet) for q in sample_rows(
             cfg, name, models[name], parse_samplers(cfg.ablation_samplers, "--ablation_samplers"), info.device,
@@ -409,12 +415,10 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
     lines = [f"# Quality: {cfg.data_name} ({cfg.data_dir}), {cfg.image_size} px, {cfg.minutes:g} training minutes "
              f"per model", "", f"command: {command}" if command else "", "",
              to_markdown(rows)]
-    if cfg.ddpm_images:
-        ddpm = sample_rows(cfg, MAIN, models[MAIN], [RowSpec.sampler("ddpm", 0)], info.device, cfg.ddpm_images)
-        ids = list(ddpm[0].row.per_image.index)
-        subset = [QualityRow(q.model, q.row, ids) for q in rows if q.model in (UNET, MAIN)] + ddpm
-        subset = [subset[0]] + [paired_delta(q, unet) for q in subset[1:]]
-        lines += [f"On the first {len(ids)} test images, with DDPM over all T steps:", "", to_markdown(subset)]
+    if ddpm and not ddpm_on_all:
+        subset = [QualityRow(q.model, q.row, ddpm_ids) for q in rows if q.model in (UNET, MAIN)]
+        subset = [subset[0]] + [paired_delta(q, unet) for q in subset[1:]] + ddpm
+        lines += [f"On the first {len(ddpm_ids)} test images, with DDPM over all T steps:", "", to_markdown(subset)]
     if len(by_seed) > 1:
         lines += [f"Over the training seeds {', '.join(map(str, by_seed))} (the main model and the plain UNet "
                   f"trained once per seed, the same test images):", "", seeds_markdown(by_seed)]

@@ -81,7 +81,7 @@ def test_jobs_train_the_models_side_by_side_in_subprocesses_on_one_split(tmp_pat
     make_synthetic(tmp_path / "data", num_images=20)
     out = tmp_path / "q"
     args = ["--data_name", "SYNTHETIC", "--data_dir", tmp_path / "data", "--image_size", 16, "--minutes", 0.01,
-            "--out_dir", out, "--ddpm_images", 0, "--num_ensemble", 2, "--max_images", 3, "--device", "cpu",
+            "--out_dir", out, "--ddpm_images", 3, "--num_ensemble", 2, "--max_images", 3, "--device", "cpu",
             "--samplers", "ddim:1", "--extra_seeds", "1", "--split_seed", 4, "--jobs", 2,
             "--diffusion_flags", "--diffusion_steps 20 --num_channels 8", "--unet_flags", "--num_channels 8"]
     run_script("benchmark_quality.py", *args)
@@ -92,7 +92,10 @@ def test_jobs_train_the_models_side_by_side_in_subprocesses_on_one_split(tmp_pat
             load_split(root / "models" / "unet" / "split.json")
     assert load_checkpoint_seed(out / "seed1" / "models" / "unet") == 1
     rows = list(csv.DictReader(open(out / "quality.csv")))
-    assert [(r["model"], r["sampler"]) for r in rows] == [("plain UNet", "preseg"), ("diffusion", "ddim")]
+    # DDPM on every test image (--ddpm_images = --max_images): a row of the main table, not a second table
+    assert [(r["model"], r["sampler"], r["images"]) for r in rows] == [
+        ("plain UNet", "preseg", "3"), ("diffusion", "ddim", "3"), ("diffusion", "ddpm", "3")]
+    assert "On the first" not in (out / "quality.md").read_text()
     bad = tmp_path / "bad"
     (bad / "models").mkdir(parents=True)
     (bad / "models" / "unet").write_text("a file where the UNet's run folder goes")
