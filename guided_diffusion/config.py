@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -233,7 +234,15 @@ def parse_with_preset(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
         if name not in PRESETS:
             parser.error(f"--preset must be none or {', '.join(PRESETS)}, got {name!r}")
         parser.set_defaults(**PRESETS[name])
-    return parser.parse_args(argv)
+    ns = parser.parse_args(argv)
+    # the preset's mask-head stride on an image size it does not divide: name the preset, not a flag never given
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    stride, size = PRESETS.get(name, {}).get("head_stride", 1), getattr(ns, "image_size", 0)
+    from_preset = not any(a == "--head_stride" or a.startswith("--head_stride=") for a in given)
+    if stride > 1 and from_preset and size % stride:
+        parser.error(f"--preset {name} sets --head_stride {stride}, which must divide --image_size {size}: "
+                     f"give --head_stride 1 (or an --image_size divisible by {stride})")
+    return ns
 
 
 def train_parser(description: str = "") -> argparse.ArgumentParser:

@@ -30,6 +30,16 @@ def test_preset_sets_what_is_not_given_and_explicit_flags_win():
     assert model.num_channels == 40
 
 
+def test_a_preset_head_stride_that_does_not_divide_the_image_size_names_the_preset(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_train_args(["--preset", "cpu", "--image_size", "30"])
+    assert exc.value.code == 2 and ("--preset cpu sets --head_stride 4, which must divide --image_size 30: give "
+                                    "--head_stride 1") in capsys.readouterr().err
+    model = parse_train_args(["--preset", "cpu", "--image_size", "30", "--head_stride", "2"])[0]  # given: it wins
+    assert (model.head_stride, model.image_size) == (2, 30)
+    assert parse_train_args(["--preset", "cpu", "--image_size", "36"])[0].head_stride == 4
+
+
 def test_unknown_preset_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_train_args(["--preset", "gpu-huge"])
