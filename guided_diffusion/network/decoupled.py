@@ -40,7 +40,8 @@ class DecoupledUNet(nn.Module):
     """Conditional denoiser with the image path computed once (`encode_condition`) and a light per-step head.
 
     The same call interface as MedSegDiffUNet: forward(x_t, timesteps, image= or cond=, return_calib=,
-    self_cond=); `Condition.features` holds the backbone's last feature map, `calib_logits` its one-pass logits.
+    self_cond=); `Condition.features` holds the backbone's last feature map (average-pooled to the head's
+    resolution when --head_stride > 1), `calib_logits` its one-pass logits at full resolution.
     """
 
     def __init__(self, *, image_size: int, model_channels: int, num_res_blocks: int = 1,
@@ -74,9 +75,13 @@ class DecoupledUNet(nn.Module):
         """Image (B, C, H, W) in [0, 1] -> the backbone's last feature map and calibration logits (once per image)."""
         if image.ndim != 4 or image.shape[1] != self.image_channels:
             raise ValueError(f"image must be (B, {self.image_channels}, H, W) in [0, 1], got {tuple(image.shape)}")
+        s = self.head_stride
+        if image.shape[-1] % s or image.shape[-2] % s:
+            raise ValueError(f"image {tuple(image.shape)} must be divisible by the head's stride {s} (--head_stride)")
         weight = self.backbone.conv_in.weight
         features = self.backbone.features((image.to(weight.dtype) - 0.5) / 0.5, None)
-        return Condition([features], self.backbone.out(features))
+        # the head's copy of the features is pooled to its resolution here, once per image, not at every step
+        return Condition([F.avg_pool2d(features, s) if s > 1 else features], self.backbone.out(features))
 
     def forward(self, x: Tensor, timesteps: Tensor, image: Tensor | None = None, cond: Condition | None = None,
                 y: Tensor | None = None, return_calib: bool = False, self_cond=None):
@@ -88,7 +93,7 @@ class DecoupledUNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.mask_channels:
             raise ValueError(f"x must be (B, {self.mask_channels}, H, W), got {tuple(x.shape)}")
         cond = self.encode_condition(image) if cond is None else cond
-        if cond.batch_size != x.shape[0] or cond.features[0].shape[-2:] != x.shape[-2:]:
+        if cond.batch_size != x.shape[0] or cond.calib_logits.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"condition {tuple(cond.calib_logits.shape)} does not match x {tuple(x.shape)} "
                              f"(use Condition.repeat_interleave for ensembles)")
         t = torch.as_tensor(timesteps, device=x.device)
@@ -97,11 +102,9 @@ class DecoupledUNet(nn.Module):
         calib, features = cond.calib_logits, cond.features[0]
         fed = self_condition_input(x, self.self_condition, self_cond)
         dtype, s = self.head_in.weight.dtype, self.head_stride
-        if x.shape[-1] % s or x.shape[-2] % s:
-            raise ValueError(f"x {tuple(x.shape)} must be divisible by the head's stride {s} (--head_stride)")
         masks = torch.cat([p.to(dtype) for p in [x] + ([fed] if fed is not None else []) + [calib]], dim=1)
-        if s > 1:
-            masks, features = F.pixel_unshuffle(masks, s), F.avg_pool2d(features, s)
+        if s > 1:  # (the features came pooled from encode_condition)
+            masks = F.pixel_unshuffle(masks, s)
         h = self.head_in(torch.cat([masks, features.to(dtype)], dim=1))
         for block in self.head:
             h = block(h, emb)
