@@ -184,6 +184,10 @@ class TrainConfig(RunConfig):
                                                               "losses train on, the first ones; the calibration loss "
                                                               "trains on all (0: all). With --network decoupled the "
                                                               "mask head's share of a step's cost"})
+    calib_noise: float = field(default=0.0, metadata={"help": "--network decoupled: the mask head trains on its "
+                                                              "calibration logit plus a smooth random field of up "
+                                                              "to this many logits (errors to correct, as a "
+                                                              "refiner's coarse masks; 0: the logit as it is)"})
     preset: str = field(default="none", metadata={"help": "cpu: the small-CPU recipe measured best (README, "
                                                           "'Quality'); every flag given explicitly wins over it"})
 
@@ -196,6 +200,8 @@ class TrainConfig(RunConfig):
         if not 0 <= self.diffusion_batch <= self.batch_size:
             raise ValueError(f"--diffusion_batch must be in 0..--batch_size ({self.batch_size}), got "
                              f"{self.diffusion_batch}")
+        if not self.calib_noise >= 0:
+            raise ValueError(f"--calib_noise must be >= 0, got {self.calib_noise}")
 
 
 # The recipes behind --preset: values for flags the user did not give (measured in the README's "Quality" section).

@@ -76,6 +76,12 @@ ABLATIONS: dict[str, tuple[str, str]] = {
                    "--detach_condition True --diffusion_batch 2"),
     "lr2e-3": ("the learning rate doubled (2e-3)", "--lr 2e-3"),
     "batch4": ("batches of 4 (twice the steps in the minutes)", "--batch_size 4"),
+    "calib6": ("the mask head trained on a perturbed calibration logit (errors to correct; --calib_noise 6)",
+               "--calib_noise 6"),
+    "calib12": ("the mask head trained on a more perturbed calibration logit (--calib_noise 12)", "--calib_noise 12"),
+    "detach-calib6": ("a perturbed logit with the head's losses stopped at the backbone, so only the head can undo "
+                      "the perturbation", "--detach_condition True --calib_noise 6"),
+    "detach-calib12": ("the same with --calib_noise 12", "--detach_condition True --calib_noise 12"),
 }
 
 

@@ -24,12 +24,21 @@ Cost and coupling:
   --detach_condition  the denoiser's losses stop at the image encoding, so only the calibration loss trains the
                       encoder (--network decoupled: the backbone trains as the plain UNet, except that the
                       --grad_clip norm still includes the head's gradients).
+  --calib_noise A     (--network decoupled) the mask head sees its calibration logit plus A u z, z a smooth unit
+                      Gaussian field (white noise averaged over an 8 x 8 grid of cells, rescaled to unit variance
+                      and bilinearly upsampled) and u uniform in [0, 1) per image: on training images the backbone's
+                      one-pass mask is close to perfect, so without errors to correct the head learns to keep it;
+                      the perturbed logit gives it blobs and boundary errors to undo, as a refiner's coarse masks
+                      (SegRefiner, Wang et al. 2023). The calibration loss stays on the logit itself.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from guided_diffusion.checkpoint import check_flags
 from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, TrainConfig, check_attention_resolutions,
@@ -54,6 +63,9 @@ class DiffusionTrainer(Trainer):
         volumes.configure(model_cfg, data_cfg)  # --image_channels (and for volumes --modalities) from the data
         validate(model_cfg, diff_cfg)
         check_attention_resolutions(model_cfg)
+        if train_cfg.calib_noise and model_cfg.network != "decoupled":
+            raise ValueError(f"--calib_noise perturbs the logit the decoupled network's mask head refines; "
+                             f"--network {model_cfg.network} has no such input (give --calib_noise 0)")
         if train_cfg.detach_condition and model_cfg.network == "unet":
             raise ValueError("--detach_condition True needs an image encoder trained by the calibration loss "
                              "(--network decoupled or medsegdiff); --network unet has none")
@@ -97,6 +109,15 @@ class DiffusionTrainer(Trainer):
         d = self.diffusion
         return d.x0_and_eps(d.split_output(out.float(), x_t)[0], x_t.float(), t)[0]
 
+    def calib_perturbation(self, calib: torch.Tensor) -> torch.Tensor:
+        """--calib_noise's field A u z for this step's (B, 1, H, W) calibration logits (seeded: exact resume)."""
+        h, w = calib.shape[-2:]
+        u, white = self.noise_and_t(calib.shape[0], (1, h, w), 1 << 20, stream=3)
+        cells = (min(8, h), min(8, w))
+        z = F.adaptive_avg_pool2d(white, cells) * math.sqrt(h * w / (cells[0] * cells[1]))
+        z = F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)
+        return (self.tc.calib_noise * u.to(z.dtype) / (1 << 20)).view(-1, 1, 1, 1) * z.to(calib.dtype)
+
     def compute_loss(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         d, tc = self.diffusion, self.tc
         x_start = d.mask_to_x0(mask)
@@ -108,6 +129,8 @@ class DiffusionTrainer(Trainer):
         cond, x_start, t, noise, target = cond.first(k), x_start[:k], t[:k], noise[:k], mask[:k]
         if tc.detach_condition:  # the denoiser's losses stop at the encoding; the calibration loss trains it
             cond = cond.detach()
+        if tc.calib_noise:
+            cond = cond._replace(calib_logits=cond.calib_logits + self.calib_perturbation(cond.calib_logits))
         source = x_start
         if tc.recycle:  # x_t drawn from the model's own estimate from pure noise, as at sampling time
             t_max, noise_max = self.noise_and_t(mask.shape[0], tuple(mask.shape[1:]), d.num_timesteps, stream=1)
