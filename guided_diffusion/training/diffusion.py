@@ -29,13 +29,14 @@ Cost and coupling:
                       and bilinearly upsampled) and u uniform in [0, 1) per image: on training images the backbone's
                       one-pass mask is close to perfect, so without errors to correct the head learns to keep it;
                       the perturbed logit gives it blobs and boundary errors to undo, as a refiner's coarse masks
-                      (SegRefiner, Wang et al. 2023). The calibration loss stays on the logit itself.
+                      (SegRefiner, Wang et al. 2023). The calibration loss stays on the logit itself. Measured
+                      (README, Quality): the head still returns the one-pass mask on test images, and the backbone
+                      loses Dice, so the preset does not use it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import math
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,7 @@ class DiffusionTrainer(Trainer):
 
     def calib_perturbation(self, calib: torch.Tensor) -> torch.Tensor:
         """--calib_noise's field A u z for this step's (B, 1, H, W) calibration logits (seeded: exact resume)."""
-        h, w = calib.shape[-2:]
+        h, w = calib.shape[-2:]  # u: a uniform draw over 2^20 levels of the step's stream 3, white: its noise
         u, white = self.noise_and_t(calib.shape[0], (1, h, w), 1 << 20, stream=3)
         cells = (min(8, h), min(8, w))
         z = F.adaptive_avg_pool2d(white, cells) * math.sqrt(h * w / (cells[0] * cells[1]))
