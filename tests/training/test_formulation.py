@@ -26,15 +26,21 @@ def one_batch(trainer):
 
 
 class Recorder:
-    """Wraps the network: records the self-conditioning input of every call with gradients."""
+    """Wraps the network: records pick(keyword arguments) of every call with gradients (by default the
+    self-conditioning input)."""
 
-    def __init__(self, net):
-        self.net, self.fed = net, []
+    def __init__(self, net, pick=lambda kw: kw.get("self_cond")):
+        self.net, self.pick, self.fed = net, pick, []
 
     def __call__(self, *args, **kw):
         if torch.is_grad_enabled():
-            self.fed.append(kw.get("self_cond"))
+            self.fed.append(self.pick(kw))
         return self.net(*args, **kw)
+
+
+def head_calib(kw):
+    """The calibration logits the mask head is given (Recorder's pick)."""
+    return kw["cond"].calib_logits.detach().clone()
 
 
 @pytest.mark.parametrize("rate,fed_back", [(1.0, True), (0.0, False)])
@@ -275,18 +281,6 @@ def test_detach_condition_needs_an_image_encoder(tmp_path, syn_dir):
         DiffusionTrainer(mc, DiffusionConfig(diffusion_steps=50, learn_sigma=False), data, tc, CPU)
 
 
-class CondRecorder:
-    """Wraps the network: records the calibration logits of the condition of every call with gradients."""
-
-    def __init__(self, net):
-        self.net, self.calib = net, []
-
-    def __call__(self, *args, **kw):
-        if torch.is_grad_enabled():
-            self.calib.append(kw["cond"].calib_logits.detach().clone())
-        return self.net(*args, **kw)
-
-
 def decoupled_trainer(tmp_path, syn_dir, **train):
     mc, _, data, tc = tiny(tmp_path, syn_dir, learn_sigma=False, mask_loss_weight=1.0, **train)
     mc.network, mc.attention_resolutions = "decoupled", ""
@@ -297,7 +291,7 @@ def decoupled_trainer(tmp_path, syn_dir, **train):
 def test_calib_noise_gives_the_head_a_smooth_perturbed_logit_and_the_calibration_loss_the_logit(tmp_path, syn_dir):
     trainer = decoupled_trainer(tmp_path, syn_dir, calib_noise=5.0)
     model = randomised(trainer.model, std=0.1).train()
-    trainer.wrapped = recorder = CondRecorder(model)
+    trainer.wrapped = recorder = Recorder(model, head_calib)
     image, mask = one_batch(trainer)
     trainer.step = 3
     _, terms = trainer.compute_loss(image, mask)
@@ -308,26 +302,26 @@ def test_calib_noise_gives_the_head_a_smooth_perturbed_logit_and_the_calibration
     u, white = core.step_noise(core.seed_mix(trainer.tc.seed, 17, 3), 3, b, (1, h, w), 1 << 20, CPU.device)
     cells = white.view(b, 1, 8, 2, 8, 2).mean(dim=(3, 5)) * 2
     z = torch.nn.functional.interpolate(cells, size=(h, w), mode="bilinear", align_corners=False)
-    (seen,) = recorder.calib
+    (seen,) = recorder.fed
     torch.testing.assert_close(seen - calib, 5.0 * (u.float() / (1 << 20)).view(-1, 1, 1, 1) * z,
                                atol=1e-5, rtol=1e-5)
     assert (seen - calib).abs().max() > 0.1
     torch.testing.assert_close(terms["cal"], dice_bce_loss(calib, mask).mean())  # the logit itself, unperturbed
-    trainer.wrapped = again = CondRecorder(model)
+    trainer.wrapped = again = Recorder(model, head_calib)
     trainer.compute_loss(image, mask)
-    assert torch.equal(again.calib[0], seen)  # seeded by the step: a resumed run draws the same field
+    assert torch.equal(again.fed[0], seen)  # seeded by the step: a resumed run draws the same field
     trainer.step = 4
     trainer.compute_loss(image, mask)
-    assert not torch.allclose(again.calib[1], seen)
+    assert not torch.allclose(again.fed[1], seen)
 
 
 def test_calib_noise_zero_leaves_the_logit_alone(tmp_path, syn_dir):
     trainer = decoupled_trainer(tmp_path, syn_dir)
     model = randomised(trainer.model, std=0.1).train()
-    trainer.wrapped = recorder = CondRecorder(model)
+    trainer.wrapped = recorder = Recorder(model, head_calib)
     image, mask = one_batch(trainer)
     trainer.compute_loss(image, mask)
-    torch.testing.assert_close(recorder.calib[0], model.encode_condition(image).calib_logits.detach())
+    torch.testing.assert_close(recorder.fed[0], model.encode_condition(image).calib_logits.detach())
 
 
 def test_bad_calib_noise_is_a_one_line_error(tmp_path, syn_dir):
