@@ -35,14 +35,20 @@ class Pooled:
     per_run: list[float]
 
 
-def row_title(folder: str) -> str:
-    """'dpm_solver++-10-n5' -> 'dpm_solver++ 10'; a tagged row keeps its tag ('dpm_solver++ 10 (seed)'); DDPM over
-    all T steps (steps 0 in the folder name) reads 'ddpm all'."""
+def row_title(folder: str, members: bool = False) -> str:
+    """'dpm_solver++-10-n5' -> 'dpm_solver++ 10' ('dpm_solver++ 10 × 5' with `members`); a tagged row keeps its tag
+    ('dpm_solver++ 10 (seed)'); DDPM over all T steps (steps 0 in the folder name) reads 'ddpm all'."""
     m = _ROW.match(folder)
     if m is None:
         return folder
     steps = "all" if m["steps"] == "0" else m["steps"]
-    return f"{m['label']} {steps}" + (f" ({m['tag']})" if m["tag"] else "")
+    return (f"{m['label']} {steps}" + (f" × {m['members']}" if members else "")
+            + (f" ({m['tag']})" if m["tag"] else ""))
+
+
+def _members(folder: str) -> str | None:
+    m = _ROW.match(folder)
+    return m["members"] if m else None
 
 
 def benchmark_runs(folder: Path) -> list[Path]:
@@ -102,13 +108,18 @@ def compare(folders: list[Path], against: list[Path] | None = None, n_boot: int 
     if not rows or not unet:
         raise FileNotFoundError(f"no scored rows of both the diffusion model and the plain UNet under "
                                 f"{folders[0]}/samples (run benchmark_quality.py to the end first)")
-    pairs = [(f"{row_title(r)} − UNet", f"{MAIN}/{r}", f"{UNET}/{unet[0]}") for r in rows]
+    # rows sampled with several ensemble sizes: the titles say how many members, so no two rows share one
+    many = len({_members(r) for r in rows}) > 1
+    title = lambda r: row_title(r, members=many)  # noqa: E731
+    pairs = [(f"{title(r)} − UNet", f"{MAIN}/{r}", f"{UNET}/{unet[0]}") for r in rows]
     one_step = next((r for r in rows if r.startswith("ddim-1-")), None)
-    solver = next((r for r in rows if r.startswith("dpm_solver++-10-") and _ROW.match(r)["tag"] is None), None)
-    ddpm = next((r for r in rows if r.startswith("ddpm-0-")), None)
+    size = _members(one_step) if one_step else None  # the solver compared at the read-out's ensemble size
+    solver = next((r for r in rows if r.startswith("dpm_solver++-10-") and _ROW.match(r)["tag"] is None
+                   and size in (None, _members(r))), None)
+    ddpm = next((r for r in rows if r.startswith("ddpm-0-") and _members(r) == _members(solver or "")), None)
     for other in (one_step, ddpm):
         if solver and other:
-            pairs.append((f"{row_title(solver)} − {row_title(other)}", f"{MAIN}/{solver}", f"{MAIN}/{other}"))
+            pairs.append((f"{title(solver)} − {title(other)}", f"{MAIN}/{solver}", f"{MAIN}/{other}"))
     out = []
     for name, a, b in pairs:
         out.append(pooled(name, [[d for run in split if (d := _difference(run_dice(run, a), run_dice(run, b)))
@@ -121,7 +132,7 @@ def compare(folders: list[Path], against: list[Path] | None = None, n_boot: int 
                 splits.append([d for run, twin in mine
                                if (d := _difference(run_dice(run, f"{MAIN}/{r}"), run_dice(twin, f"{MAIN}/{r}")))
                                is not None])
-            out.append(pooled(f"{row_title(r)} − the other benchmark's", splits, n_boot))
+            out.append(pooled(f"{title(r)} − the other benchmark's", splits, n_boot))
     return [p for p in out if p is not None]
 
 

@@ -52,6 +52,16 @@ def test_differences_are_averaged_over_a_splits_seeds_then_pooled_over_images(tm
                         "dpm_solver++ 10 − ddpm all"}
 
 
+def test_rows_of_several_ensemble_sizes_are_told_apart_and_the_solver_is_compared_at_the_read_outs_size(tmp_path):
+    s0 = benchmark(tmp_path / "split0", {".": ([.8, .7, .9], [.8, .6, .9], [.7, .7, .7])})
+    scored(s0, "diffusion/dpm_solver++-10-n15", [.9, .9, .9])
+    got = by_name(compare([s0]))
+    assert got["dpm_solver++ 10 × 15 − UNet"].mean == pytest.approx(0.2)
+    assert got["dpm_solver++ 10 × 5 − UNet"].mean == pytest.approx(0.1)
+    assert got["dpm_solver++ 10 × 5 − ddim 1 × 5"].mean == pytest.approx(0.1 / 3)
+    assert row_title("dpm_solver++-10-n15", members=True) == "dpm_solver++ 10 × 15"
+
+
 def test_against_pairs_the_same_split_and_seed_and_skips_runs_the_other_lacks(tmp_path):
     new = benchmark(tmp_path / "new", {".": ([.8, .8, .8], [.8, .8, .8], [.7] * 3),
                                        "seed1": ([.5, .5, .5], [.5, .5, .5], [.7] * 3)})
