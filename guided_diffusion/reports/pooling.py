@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def compare(folders: list[Path], against: list[Path] | None = None, n_boot: int 
                                 f"{folders[0]}/samples (run benchmark_quality.py to the end first)")
     # rows sampled with several ensemble sizes: the titles say how many members, so no two rows share one
     many = len({_members(r) for r in rows}) > 1
-    title = lambda r: row_title(r, members=many)  # noqa: E731
+    title = partial(row_title, members=many)
     pairs = [(f"{title(r)} − UNet", f"{MAIN}/{r}", f"{UNET}/{unet[0]}") for r in rows]
     one_step = next((r for r in rows if r.startswith("ddim-1-")), None)
     size = _members(one_step) if one_step else None  # the solver compared at the read-out's ensemble size
