@@ -111,11 +111,19 @@ class DataConfig:
                                                                         "z-scored on them (default 0.5,99.5)"})
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass
 class RunConfig:
     """The optimisation run, as every trainer has it (training/core.py); the defaults are the diffusion model's."""
     out_dir: str = field(default="runs/train", metadata={"help": "where checkpoints, logs and the split go"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant (--lr throughout), cosine or linear: "
+                                                                   "the rate falls from --lr to 0 over the run, "
+                                                                   "that is over --max_steps, or over --max_minutes "
+                                                                   "of training time when that budget ends the run "
+                                                                   "first (default constant)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=16, metadata={"help": "images per step (per process under torchrun)"})
     max_steps: int = field(default=50000, metadata={"help": "training stops after this many steps"})
@@ -151,6 +159,8 @@ class RunConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr_schedule must be {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_rate < 1.0:
             raise ValueError(f"--ema_rate must be in [0, 1), got {self.ema_rate}")
         preload_choice(self.preload)

@@ -174,6 +174,24 @@ class EMA:
             torch._foreach_lerp_(avg, new, 1.0 - self.rate)
 
 
+def run_progress(cfg: RunConfig, step: int, train_seconds: float) -> float:
+    """How far the run is, in [0, 1]: the larger of the step and time fractions, so a budget that ends the run
+    first reaches 1 at its end."""
+    done = step / cfg.max_steps
+    if cfg.max_minutes:
+        done = max(done, train_seconds / (60 * cfg.max_minutes))
+    return min(max(done, 0.0), 1.0)
+
+
+def scheduled_lr(cfg: RunConfig, step: int, train_seconds: float) -> float:
+    """--lr under --lr_schedule at this point of the run (constant: --lr; cosine and linear fall to 0 at the end).
+    A function of the (step, training time) a checkpoint stores, so a resumed run goes on where it stopped; under
+    --max_minutes it follows the clock, as the run's length does."""
+    p = run_progress(cfg, step, train_seconds)
+    factor = {"constant": 1.0, "cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1.0 - p}[cfg.lr_schedule]
+    return cfg.lr * factor
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on the FF-Parser filters, whose neutral value is 1 (identity), not 0."""
     named = list(model.named_parameters())
@@ -420,17 +438,26 @@ class Trainer:
                   f"but not as the same data stream an unchanged global batch would give", flush=True)
 
     def _apply_optimizer_flags(self, ckpt: dict) -> None:
-        """--lr and --weight_decay as given now, not the values the resumed optimizer state carries (the checkpoint
+        """--lr, --lr_schedule and --weight_decay as given now, not the values the resumed run had (the checkpoint
         records the run's config, so it must be what the optimizer uses)."""
+        was = ckpt["config"]["train"]
+        changed = {f"--{key} {was.get(key, default)} -> {getattr(self.tc, key)}"
+                   for key, default in (("lr", self.tc.lr), ("lr_schedule", "constant"))
+                   if was.get(key, default) != getattr(self.tc, key)}
         wanted = param_groups(self.model, self.tc.weight_decay)
-        changed = set()
         for group, want in zip(self.opt.param_groups, wanted):
-            for key, value in (("lr", self.tc.lr), ("weight_decay", want["weight_decay"])):
-                if group[key] != value:
-                    changed.add(f"--{key} {group[key]:g} -> {value:g}")
-                    group[key] = value
+            if group["weight_decay"] != want["weight_decay"]:
+                changed.add(f"--weight_decay {group['weight_decay']:g} -> {want['weight_decay']:g}")
+                group["weight_decay"] = want["weight_decay"]
+        self._set_lr()
         if changed and self.di.is_main:
             print(f"note: from step {self.step} on, " + ", ".join(sorted(changed)), flush=True)
+
+    def _set_lr(self) -> None:
+        """The optimizer's rate for the next step, from --lr_schedule."""
+        lr = scheduled_lr(self.tc, self.step, self.train_seconds)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     def payload(self) -> dict:
         """Everything a checkpoint holds (self-describing: sampling needs nothing else)."""
@@ -462,6 +489,7 @@ class Trainer:
         image = self.layout(batch["image"].to(self.device, non_blocking=True))
         mask = batch["mask"].to(self.device, non_blocking=True)
         torch.manual_seed(seed_mix(self.tc.seed, 13, self.step, self.di.rank))  # dropout, step-deterministic
+        self._set_lr()
         loss, terms = self.compute_loss(image, mask)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -488,13 +516,15 @@ class Trainer:
 
     # ----- the loop ----------------------------------------------------------------------------------
     def _should_stop(self) -> tuple[bool, bool]:
-        """(out of --max_minutes, a SIGINT/SIGTERM arrived): rank 0's clock and any rank's signal decide for all."""
-        flags = torch.tensor([float(bool(self.tc.max_minutes) and self.train_seconds >= 60 * self.tc.max_minutes),
-                              float(self._signal is not None)], device=self.device)
+        """(out of --max_minutes, a SIGINT/SIGTERM arrived): rank 0's clock and any rank's signal decide for all.
+        Every rank takes rank 0's training time, so a time-following --lr_schedule gives them one rate."""
+        seconds = torch.tensor([self.train_seconds], dtype=torch.float64, device=self.device)
+        signalled = torch.tensor([float(self._signal is not None)], device=self.device)
         if self.di.distributed:
-            dist.broadcast(flags[:1], 0)
-            dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
-        return bool(flags[0].item()), bool(flags[1].item())
+            dist.broadcast(seconds, 0)
+            dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
+        self.train_seconds = float(seconds.item())
+        return bool(self.tc.max_minutes) and self.train_seconds >= 60 * self.tc.max_minutes, bool(signalled.item())
 
     def _catch_signals(self) -> dict:
         """SIGINT and SIGTERM (Ctrl-C, a cluster's wall-time kill) finish the current step, save a checkpoint and
