@@ -82,6 +82,7 @@ def test_a_changed_schedule_on_resume_is_noted_and_takes_over_where_the_run_is(t
     assert [g["lr"] for g in again.opt.param_groups] == pytest.approx([1e-3 * (1 - 2 / 4)] * len(again.opt.param_groups))
 
 
+@pytest.mark.slow
 def test_a_bad_schedule_is_a_one_line_error_of_either_trainer_before_anything_is_written(tmp_path, syn_dir):
     with pytest.raises(ValueError, match=r"--lr_schedule must be constant, cosine, linear, got 'step'"):
         DiffusionTrainer(*tiny(tmp_path / "run", syn_dir, lr_schedule="step"), CPU)
