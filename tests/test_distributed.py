@@ -5,16 +5,13 @@ under torchrun is exact, sharded sampling writes every image once with the singl
 error on one rank ends the whole job with that error shown.
 """
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import load, read_log, train_args
+from tiny_runs import load, read_log, torchrun, train_args
 
 from guided_diffusion import distributed
 from guided_diffusion.checkpoint import find_latest
@@ -23,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 SAMPLE = ["--sampler", "dpm_solver++", "--steps", "3", "--num_ensemble", "2", "--batch_size", "2", "--split", "all",
           "--max_images", "7", "--num_workers", "0", "--device", "cpu"]  # 7 images: shards of 4 and 3
-
-
-def torchrun(script: str, *args: str, nproc: int = 2, extra_env: dict | None = None, timeout: int = 240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    env.pop("SEG_DEBUG", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           script, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

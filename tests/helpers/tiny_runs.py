@@ -1,6 +1,9 @@
 """Tiny training set-ups: trainer configs (tiny), the script flags of the torchrun and ADDPM runs, and readers of
 a run's log and latest checkpoint."""
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +25,16 @@ def tiny(tmp_path, data_dir, **train):
 
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, extra_env: dict | None = None, timeout: int = 240):
+    """`script` under torchrun with nproc CPU (gloo) processes of one thread each, from the repository root."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    env.pop("SEG_DEBUG", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           script, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 # segmentation_train.py on 16 px images with 8 channels: the torchrun, channels_last and train-speed runs

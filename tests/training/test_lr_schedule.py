@@ -1,20 +1,15 @@
 """--lr_schedule: the rate against its closed form, in the log, over a resume, under torchrun, and bad values."""
 import math
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from tiny_runs import CPU, read_log, tiny, train_args
+from tiny_runs import CPU, ROOT, read_log, tiny, torchrun, train_args
 
 from guided_diffusion.cli import Interrupted
 from guided_diffusion.config import RunConfig
 from guided_diffusion.training import core
 from guided_diffusion.training.diffusion import DiffusionTrainer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def cosine(lr, p):
@@ -83,14 +78,12 @@ def test_a_changed_schedule_on_resume_is_noted_and_takes_over_where_the_run_is(t
 
 
 @pytest.mark.slow
-def test_a_bad_schedule_is_a_one_line_error_of_either_trainer_before_anything_is_written(tmp_path, syn_dir):
+def test_a_bad_schedule_is_a_one_line_error_of_either_trainer_before_anything_is_written(tmp_path, syn_dir, script):
     with pytest.raises(ValueError, match=r"--lr_schedule must be constant, cosine, linear, got 'step'"):
         DiffusionTrainer(*tiny(tmp_path / "run", syn_dir, lr_schedule="step"), CPU)
     assert not (tmp_path / "run").exists()
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_preseg_network.py"), "--data_name", "SYNTHETIC",
-                        "--data_dir", str(syn_dir), "--out_dir", str(tmp_path / "unet"), "--lr_schedule", "step",
-                        "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    r = script("train_preseg_network.py", "--data_name", "SYNTHETIC", "--data_dir", syn_dir, "--out_dir",
+               tmp_path / "unet", "--lr_schedule", "step", "--device", "cpu", timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: --lr_schedule must be constant, cosine, linear, got 'step'"
     assert not (tmp_path / "unet").exists()
 
@@ -99,12 +92,9 @@ def test_a_bad_schedule_is_a_one_line_error_of_either_trainer_before_anything_is
 def test_under_torchrun_every_rank_trains_at_rank_0s_time_following_rate(syn_dir, tmp_path):
     """Each rank's clock runs at its own speed here (rank r: 1 + r seconds a reading); the ranks still use one
     rate at every step, rank 0's, or DDP's replicas would drift apart."""
-    helper = ROOT / "tests" / "helpers" / "train_skewed_clocks.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
-           str(tmp_path / "rates"), *train_args(syn_dir, tmp_path / "run", 2, 10 ** 6), "--max_minutes", "0.2",
-           "--lr_schedule", "cosine", "--lr", "1e-3"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
-                       env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    r = torchrun(str(ROOT / "tests" / "helpers" / "train_skewed_clocks.py"), str(tmp_path / "rates"),
+                 *train_args(syn_dir, tmp_path / "run", 2, 10 ** 6), "--max_minutes", "0.2", "--lr_schedule", "cosine",
+                 "--lr", "1e-3")
     assert r.returncode == 0, r.stderr[-4000:]
     rates = [(tmp_path / "rates" / f"rank{k}.txt").read_text().split() for k in (0, 1)]
     assert len(rates[0]) > 2 and rates[0] == rates[1]
