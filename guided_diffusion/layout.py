@@ -47,6 +47,15 @@ def eval_paths(pred_dir: Path) -> dict[str, Path]:
     return {"csv": d / EVAL_CSV, "json": d / EVAL_JSON, "split": d / SPLIT_FILE}
 
 
+VIEWS_TAG = "views"  # a row folder's tag part views<N>: sampled with --views N (tags joined by +: "seed+views4")
+
+
+def row_views(tag: str | None) -> int:
+    """The --views of a row folder's tag ('views4', 'seed+views4' -> 4; no views<N> part -> 1)."""
+    parts = [t for t in (tag or "").split("+") if t.startswith(VIEWS_TAG) and t[len(VIEWS_TAG):].isdigit()]
+    return int(parts[0][len(VIEWS_TAG):]) if parts else 1
+
+
 def row_folder(root: Path, label: str, steps: int, num_ensemble: int, tag: str = "") -> Path:
     """A benchmark row's prediction folder: <root>/<sampler>-<steps>-n<members>[-<tag>]."""
     return Path(root) / (f"{label}-{steps}-n{num_ensemble}" + (f"-{tag}" if tag else ""))

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from guided_diffusion.evaluation.metrics import bootstrap_ci
-from guided_diffusion.layout import eval_paths
+from guided_diffusion.layout import eval_paths, row_views
 
 MAIN, UNET = "diffusion", "plain_UNet"  # the model folders under samples/ (reports/quality.py's MAIN and UNET)
 _ROW = re.compile(r"^(?P<label>.+)-(?P<steps>\d+)-n(?P<members>\d+)(?:-(?P<tag>.+))?$")
@@ -50,6 +50,11 @@ def row_title(folder: str, members: bool = False) -> str:
 def _members(folder: str) -> str | None:
     m = _ROW.match(folder)
     return m["members"] if m else None
+
+
+def _views(folder: str) -> int:
+    m = _ROW.match(folder)
+    return row_views(m["tag"] if m else None)
 
 
 def benchmark_runs(folder: Path) -> list[Path]:
@@ -98,9 +103,10 @@ def _rows(run: Path, model: str) -> list[str]:
 
 
 def compare(folders: list[Path], against: list[Path] | None = None, n_boot: int = 2000) -> list[Pooled]:
-    """Every diffusion row − the plain UNet, the 10-step solver − the 1-step read-out and − DDPM over all steps
-    where sampled, and with `against` (one folder per folder, the same splits and seeds) every diffusion row − the
-    other benchmark's same row, run by run."""
+    """Every diffusion row − the plain UNet sampled with the same --views (the one-view UNet where there is none);
+    where rows of several views were sampled, each such row (the UNet's too) − the one-view UNet; the 10-step
+    solver − the 1-step read-out and − DDPM over all steps where sampled; and with `against` (one folder per folder,
+    the same splits and seeds) every diffusion row − the other benchmark's same row, run by run."""
     runs = [benchmark_runs(f) for f in folders]
     if against is not None and len(against) != len(folders):
         raise ValueError(f"--against needs one folder per benchmark folder ({len(folders)}), got {len(against)}")
@@ -112,7 +118,18 @@ def compare(folders: list[Path], against: list[Path] | None = None, n_boot: int 
     # rows sampled with several ensemble sizes: the titles say how many members, so no two rows share one
     many = len({_members(r) for r in rows}) > 1
     title = partial(row_title, members=many)
-    pairs = [(f"{title(r)} − UNet", f"{MAIN}/{r}", f"{UNET}/{unet[0]}") for r in rows]
+    unet_of: dict[int, str] = {}  # the UNet's row of each --views
+    for u in unet:
+        unet_of.setdefault(_views(u), u)
+    base = unet_of.get(1, unet[0])
+    pairs = []
+    for r in rows:
+        u = unet_of.get(_views(r), base)
+        pairs.append((f"{title(r)} − UNet" + (f" with {_views(u)} views" if u != base else ""),
+                      f"{MAIN}/{r}", f"{UNET}/{u}"))
+    pairs += [(f"UNet with {_views(u)} views − UNet", f"{UNET}/{u}", f"{UNET}/{base}") for u in unet if u != base]
+    pairs += [(f"{title(r)} − the one-view UNet", f"{MAIN}/{r}", f"{UNET}/{base}")
+              for r in rows if unet_of.get(_views(r), base) != base]
     one_step = next((r for r in rows if r.startswith("ddim-1-")), None)
     size = _members(one_step) if one_step else None  # the solver compared at the read-out's ensemble size
     solver = next((r for r in rows if r.startswith("dpm_solver++-10-") and _ROW.match(r)["tag"] is None

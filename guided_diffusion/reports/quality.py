@@ -34,10 +34,11 @@ from guided_diffusion.checkpoint import find_latest
 from guided_diffusion.config import parse_int_list, parse_train_args
 from guided_diffusion.evaluation.metrics import bootstrap_ci
 from guided_diffusion.fileio import atomic_write
+from guided_diffusion.layout import VIEWS_TAG
 from guided_diffusion.reports import benchmark, figures
 from guided_diffusion.reports.benchmark import BenchRow, RowSpec
 from guided_diffusion.sampling.pipeline import SampleConfig
-from guided_diffusion.sampling.samplers import SAMPLERS
+from guided_diffusion.sampling.samplers import SAMPLERS, VIEW_COUNTS
 
 MAIN, UNET = "diffusion", "plain UNet"
 SEED_FORM = "seed"  # --samplers entry seed:K = the seed's `--dpm_solver True --diffusion_steps K`
@@ -107,6 +108,10 @@ class QualityConfig:
     ddpm_images: int = field(default=4, metadata={"help": "test images also sampled with DDPM over all T steps "
                                                           "(0: none)"})
     num_ensemble: int = field(default=5, metadata={"help": "masks sampled per image"})
+    views: int = field(default=1, metadata={"help": "every row, the plain UNet's included, sampled with "
+                                                    "segmentation_sample.py --views N (1, 2 or 4 mirrored copies "
+                                                    "of each image); each row's Dice - UNet is against the UNet "
+                                                    "with the same views"})
     max_images: int = field(default=0, metadata={"help": "test images to sample (0: all)"})
     seed: int = field(default=0, metadata={"help": "training and sampling seed"})
     extra_seeds: str = field(default="", metadata={"help": "more training seeds, comma-separated (e.g. 1,2): the main "
@@ -186,6 +191,8 @@ def validate(cfg: QualityConfig) -> None:
         raise ValueError("--ddpm_images and --max_images must be >= 0, --num_ensemble >= 1")
     if cfg.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {cfg.jobs}")
+    if cfg.views not in VIEW_COUNTS:
+        raise ValueError(f"--views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {cfg.views}")
     parse_samplers(cfg.samplers, "--samplers")
     parse_samplers(cfg.ablation_samplers, "--ablation_samplers")
     ablation_names(cfg.ablations)
@@ -299,8 +306,16 @@ def sample_rows(cfg: QualityConfig, model: str, run: Path, rows: list[RowSpec], 
                         num_workers=0)
     out = Path(cfg.out_dir) / "samples" / model.replace(" ", "_")  # "plain UNet" -> plain_UNet: no space in paths
     data = (cfg.data_name, cfg.data_dir)
-    return [QualityRow(model, benchmark.run_one(base, r, cfg.num_ensemble, out, device, data, reuse=True))
-            for r in rows]
+    return [QualityRow(model, benchmark.run_one(base, with_views(r, cfg.views), cfg.num_ensemble, out, device, data,
+                                                reuse=True)) for r in rows]
+
+
+def with_views(row: RowSpec, views: int) -> RowSpec:
+    """The row sampled with --views `views`: its folder and label tagged views<N> (a row of 1 view is unchanged)."""
+    if views == 1:
+        return row
+    return replace(row, sample_flags={**row.sample_flags, "views": views},
+                   tag="+".join(t for t in (row.tag, f"{VIEWS_TAG}{views}") if t))
 
 
 def paired_delta(row: QualityRow, unet: BenchRow, seed: int = 0) -> QualityRow:
@@ -419,7 +434,7 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
         by_seed[k], seed_runs = another_seed(ck, info)
         runs += seed_runs
     lines = [f"# Quality: {cfg.data_name} ({cfg.data_dir}), {cfg.image_size} px, {cfg.minutes:g} training minutes "
-             f"per model", "", f"command: {command}" if command else "", "",
+             f"per model" + (f"; every row with {cfg.views} mirrored views (--views)" if cfg.views > 1 else ""), "", f"command: {command}" if command else "", "",
              to_markdown(rows)]
     if ddpm and not ddpm_on_all:
         subset = [QualityRow(q.model, q.row, ddpm_ids) for q in rows if q.model in (UNET, MAIN)]
@@ -436,7 +451,8 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
     # (every row of `rows` covers all sampled test images, so its BenchRow Dice is the table's)
     made = [figures.dice_nfe_plot(points, out / "quality.png", baseline=(UNET, unet.dice),
                                   title=f"{cfg.data_name}, {cfg.image_size} px, {cfg.minutes:g} min per model, "
-                                        f"{unet.dice_summary['n']} test images, {cfg.num_ensemble} members")]
+                                        f"{unet.dice_summary['n']} test images, {cfg.num_ensemble} members"
+                                        + (f" x {cfg.views} views" if cfg.views > 1 else ""))]
     if cfg.plot_dir:
         made.append(atomic_write(Path(cfg.plot_dir) / f"quality_{cfg.data_name.lower()}.png",
                                  (out / "quality.png").read_bytes()))

@@ -399,6 +399,10 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
+# settings recorded only when they are not their default, so that folders sampled before they existed stay valid
+IMPLIED_SETTINGS = {"views": 1}
+
+
 def settings_conflict(out_dir: Path, old: dict, new: dict) -> str | None:
     """None when the masks in out_dir were sampled with `new`'s settings, else the one-line error naming what
     differs (the model by its weights, every other setting as its flag)."""
@@ -416,7 +420,7 @@ def settings_conflict(out_dir: Path, old: dict, new: dict) -> str | None:
                 (_show(a and a.get("file")), _show(b and b.get("file")))
             old_parts.append(f"--{flag} {shown[0]}")
             new_parts.append(f"--{flag} {shown[1]}")
-    old_set, new_set = old.get("settings") or {}, new.get("settings") or {}
+    old_set, new_set = ({**IMPLIED_SETTINGS, **(side.get("settings") or {})} for side in (old, new))
     for key in new_set:
         if key in old_set and old_set[key] != new_set[key]:
             old_parts.append(f"--{key} {_show(old_set[key])}")

@@ -37,8 +37,8 @@ from guided_diffusion.sampling import outputs
 from guided_diffusion.sampling.outputs import PredictionWriter
 from guided_diffusion.sampling import volumes as sample_volumes
 from guided_diffusion.sampling.volumes import VolumeWriter
-from guided_diffusion.sampling.samplers import (SAMPLERS, SOLVER_ALGORITHMS, FromNoise, OnePass, SamplerSpec, Strategy,
-                                                image_seed)
+from guided_diffusion.sampling.samplers import (SAMPLERS, SOLVER_ALGORITHMS, VIEW_COUNTS, FromNoise, OnePass,
+                                                SamplerSpec, Strategy, image_seed, sample_views)
 from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model,
                                      from_dict)
 
@@ -84,7 +84,10 @@ class SampleConfig:
                                                                "probability instead of its thresholded mask"})
     denoiser_path: str = field(default="", metadata={"help": "addpm: denoising network checkpoint "
                                                              "(train_denoising_network.py); needed when --stop_t > 0"})
-    num_ensemble: int = field(default=5, metadata={"help": "masks sampled per image"})
+    num_ensemble: int = field(default=5, metadata={"help": "masks sampled per image (per view with --views)"})
+    views: int = field(default=1, metadata={"help": "mirrored copies of each image sampled, each with all "
+                                                    "--num_ensemble members, fused together (test-time mirroring): "
+                                                    "1 the image only, 2 also left-right, 4 also up-down and both"})
     batch_size: int = field(default=4, metadata={"help": "images per batch (each with all its members)"})
     fusion: str = field(default="mean", metadata={"help": "mean, vote or staple"})
     uncertainty: str = field(default="std", metadata={"help": "std or entropy"})
@@ -236,6 +239,8 @@ def _validate(cfg: SampleConfig) -> None:
         raise ValueError(f"--split must be train, val, test or all, got {cfg.split!r}")
     if cfg.max_images < 0:
         raise ValueError(f"--max_images must be >= 0 (0: all), got {cfg.max_images}")
+    if cfg.views not in VIEW_COUNTS:
+        raise ValueError(f"--views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {cfg.views}")
     for name in ("eta", "td"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
@@ -296,6 +301,8 @@ def folder_settings(cfg: SampleConfig, lm: LoadedModel, strategy: Strategy, data
     settings.update(num_ensemble=cfg.num_ensemble, fusion=cfg.fusion, uncertainty=cfg.uncertainty, seed=cfg.seed,
                     use_ema=cfg.use_ema, amp=amp_mode(cfg.amp, device), data_name=data_name,
                     data_dir=str(Path(data_dir).resolve()))
+    if cfg.views > 1:  # recorded only when used (outputs.IMPLIED_SETTINGS): older folders stay valid
+        settings["views"] = cfg.views
     if volumes.is_volume_data(data_name):  # the model's, recorded for segmentation_env.py (its --labels default)
         data = lm.ckpt["config"]["data"]
         settings.update({k: data.get(k, getattr(DataConfig, k)) for k in VOLUME_SETTINGS})
@@ -393,7 +400,8 @@ class SamplingJob:
         """The manifest columns every image (or case) of this job shares."""
         cfg, strategy = self.cfg, self.strategy
         return {"sampler": strategy.label, "steps": strategy.steps, "num_ensemble": cfg.num_ensemble,
-                "fusion": cfg.fusion, "split": cfg.split, **strategy.record()}
+                "fusion": cfg.fusion, "split": cfg.split, **({"views": cfg.views} if cfg.views > 1 else {}),
+                **strategy.record()}
 
     def warmup_runs(self) -> int:
         """Untimed runs of the first batch: --warmup, or by default one on CUDA and none elsewhere."""
@@ -479,10 +487,11 @@ def sample_batch(job: SamplingJob, images: torch.Tensor, seeds: list[int], warmu
     cfg, lm, strategy, device = job.cfg, job.lm, job.strategy, job.device
     for _ in range(warmup):
         with sampling_autocast(cfg.amp, device):
-            fuse(strategy.sample(lm.model, lm.diffusion, images, cfg.num_ensemble, seeds).members, cfg.fusion)
+            fuse(sample_views(strategy, lm.model, lm.diffusion, images, cfg.num_ensemble, seeds, cfg.views).members,
+                 cfg.fusion)
     with BatchTimer(device) as timer:
         with sampling_autocast(cfg.amp, device):
-            result = strategy.sample(lm.model, lm.diffusion, images, cfg.num_ensemble, seeds)
+            result = sample_views(strategy, lm.model, lm.diffusion, images, cfg.num_ensemble, seeds, cfg.views)
         fused = fuse(result.members, cfg.fusion)
         spread = uncertainty(result.members, cfg.uncertainty)
     return result, fused, spread, timer.seconds

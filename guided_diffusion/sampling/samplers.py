@@ -259,6 +259,40 @@ def sample_ensemble(model, diffusion: GaussianDiffusion, images: torch.Tensor, n
     return EnsembleResult(members, counting.nfe)
 
 
+# --views: the image as it is, mirrored left-right, mirrored up-down, and both (flips training augments with)
+FLIP_VIEWS = ((), (-1,), (-2,), (-1, -2))
+VIEW_COUNTS = (1, 2, 4)
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The per-image seed of view `view`: view 0 keeps the image's own, so --views 1 samples as without views."""
+    return seed if view == 0 else image_seed(seed, f"view{view}")
+
+
+def _flip(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return x.flip(dims) if dims else x
+
+
+def sample_views(strategy: "Strategy", model, diffusion, images: torch.Tensor, num_ensemble: int,
+                 seeds: list[int], views: int = 1) -> EnsembleResult:
+    """`num_ensemble` members of each of `views` mirrored copies of every image (test-time mirroring, as nnU-Net
+    predicts): the copies go through the strategy in one batch, each with its own seeds, and every member is
+    mirrored back to the image's frame. Members (B, views * num_ensemble, H, W): view v's are v*N ... v*N + N-1,
+    so the fused mask averages over views as well as noise and the uncertainty map shows where views disagree.
+    The NFE stays per member; the image encoder runs once per copy."""
+    if views not in VIEW_COUNTS:
+        raise ValueError(f"--views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {views}")
+    if views == 1:
+        return strategy.sample(model, diffusion, images, num_ensemble, seeds)
+    flips = FLIP_VIEWS[:views]
+    copies = torch.cat([_flip(images, dims) for dims in flips])
+    result = strategy.sample(model, diffusion, copies, num_ensemble,
+                             [view_seed(s, v) for v in range(views) for s in seeds])
+    parts = result.members.chunk(views)  # (B, N, H, W) per view, in the order of `flips`
+    members = torch.cat([_flip(part, dims) for part, dims in zip(parts, flips)], dim=1)
+    return EnsembleResult(members, result.nfe, result.nfe_parts)
+
+
 class Strategy(Protocol):
     """How the pipeline turns a batch of images into ensemble members (sampling/pipeline.py)."""
 
@@ -308,7 +342,7 @@ class FromNoise:
 @dataclass
 class OnePass:
     """A plain segmentation network (a pre-segmentation checkpoint, the plain-UNet baseline): its sigmoid in one
-    pass per image, repeated for the members (so the uncertainty map is zero)."""
+    pass per image, repeated for the members (so the uncertainty map is zero, except where --views disagree)."""
     label: str = "preseg"
     steps: int = 1
 

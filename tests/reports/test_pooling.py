@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from guided_diffusion.evaluation.metrics import bootstrap_ci
+from guided_diffusion.layout import row_views
 from guided_diffusion.reports.pooling import benchmark_runs, compare, row_title
 
 IDS = ["a", "b", "c"]
@@ -60,6 +61,23 @@ def test_rows_of_several_ensemble_sizes_are_told_apart_and_the_solver_is_compare
     assert got["dpm_solver++ 10 × 5 − UNet"].mean == pytest.approx(0.1)
     assert got["dpm_solver++ 10 × 5 − ddim 1 × 5"].mean == pytest.approx(0.1 / 3)
     assert row_title("dpm_solver++-10-n15", members=True) == "dpm_solver++ 10 × 15"
+
+
+def test_rows_of_several_views_are_compared_with_the_unet_of_the_same_views_and_with_the_one_view_unet(tmp_path):
+    s0 = benchmark(tmp_path / "split0", {".": ([.8, .7, .9], [.8, .6, .9], [.7, .7, .7])})
+    scored(s0, "diffusion/dpm_solver++-10-n5-views4", [.9, .8, .9])
+    scored(s0, "diffusion/dpm_solver++-10-n5-seed+views4", [.9, .8, .9])
+    scored(s0, "diffusion/ddim-10-n5-views2", [.7, .7, .7])  # no UNet row of 2 views: the one-view UNet's
+    scored(s0, "plain_UNet/preseg-1-n5-views4", [.8, .8, .6])
+    got = {name: p.mean for name, p in by_name(compare([s0])).items()}
+    assert got["dpm_solver++ 10 (views4) − UNet with 4 views"] == pytest.approx(0.4 / 3)
+    assert got["dpm_solver++ 10 (seed+views4) − UNet with 4 views"] == pytest.approx(0.4 / 3)
+    assert got["dpm_solver++ 10 (views4) − the one-view UNet"] == pytest.approx(0.5 / 3)
+    assert got["UNet with 4 views − UNet"] == pytest.approx(0.1 / 3)
+    assert got["ddim 10 (views2) − UNet"] == pytest.approx(0.0)
+    assert got["dpm_solver++ 10 − UNet"] == pytest.approx(0.1)  # the one-view rows as before
+    assert got["dpm_solver++ 10 − ddim 1"] == pytest.approx(0.1 / 3)
+    assert row_views("views4") == 4 and row_views("seed+views2") == 2 and row_views("seed") == row_views(None) == 1
 
 
 def test_against_pairs_the_same_split_and_seed_and_skips_runs_the_other_lacks(tmp_path):

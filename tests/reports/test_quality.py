@@ -37,6 +37,34 @@ def test_quality_benchmark_reports_every_model_against_the_unet(tmp_path, run_sc
                "--ablation_samplers", "dpm_solver++:3",
                "--diffusion_flags", "--diffusion_steps 20 --num_channels 8", "--unet_flags", "--num_channels 8")
     assert before == {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")}
+    # --views 2: the same models, every row (the UNet's too) sampled again with mirrored copies, each row against the
+    # UNet with the same views; pool_quality.py then tells the views apart
+    run_script("benchmark_quality.py", "--data_name", "SYNTHETIC", "--data_dir", tmp_path / "data", "--image_size", 16,
+               "--minutes", 0.02, "--out_dir", out, "--ddpm_images", 0, "--num_ensemble", 2, "--max_images", 3,
+               "--device", "cpu", "--samplers", "dpm_solver++:3,seed:3", "--views", 2,
+               "--diffusion_flags", "--diffusion_steps 20 --num_channels 8", "--unet_flags", "--num_channels 8")
+    rows = list(csv.DictReader(open(out / "quality.csv")))
+    assert [(r["model"], r["sampler"]) for r in rows] == [
+        ("plain UNet", "preseg (views2)"), ("diffusion", "dpm_solver++ (views2)"),
+        ("diffusion", "dpm_solver++ (seed+views2)")]
+    assert before == {p: p.stat().st_mtime_ns for p in before}  # nothing retrained or resampled in the old rows
+    import pandas as pd
+    from guided_diffusion.reports.pooling import compare
+    dice = {name: pd.read_csv(out / "samples" / name / "eval" / "evaluation.csv", index_col="id")["dice"]
+            for name in ("plain_UNet/preseg-1-n2", "plain_UNet/preseg-1-n2-views2", "diffusion/dpm_solver++-3-n2",
+                         "diffusion/dpm_solver++-3-n2-views2")}
+    solver2 = dice["diffusion/dpm_solver++-3-n2-views2"]
+    assert float(rows[1]["Dice − UNet [95% CI]"].split()[0]) == pytest.approx(
+        (solver2 - dice["plain_UNet/preseg-1-n2-views2"]).mean(), abs=5e-5)
+    pooled = {p.name: p.mean for p in compare([out], n_boot=10)}
+    assert pooled["dpm_solver++ 3 (views2) − UNet with 2 views"] == pytest.approx(
+        (solver2 - dice["plain_UNet/preseg-1-n2-views2"]).mean())
+    assert pooled["dpm_solver++ 3 (views2) − the one-view UNet"] == pytest.approx(
+        (solver2 - dice["plain_UNet/preseg-1-n2"]).mean())
+    assert pooled["UNet with 2 views − UNet"] == pytest.approx(
+        (dice["plain_UNet/preseg-1-n2-views2"] - dice["plain_UNet/preseg-1-n2"]).mean())
+    assert pooled["dpm_solver++ 3 − UNet"] == pytest.approx(
+        (dice["diffusion/dpm_solver++-3-n2"] - dice["plain_UNet/preseg-1-n2"]).mean())
 
 
 @pytest.mark.slow
@@ -115,6 +143,7 @@ def test_bad_quality_flags_fail_before_any_training(tmp_path):
                            ({"samplers": "euler:3"}, "--samplers: unknown sampler 'euler'"),
                            ({"minutes": 0.0}, "--minutes must be > 0"),
                            ({"jobs": 0}, "--jobs must be >= 1"),
+                           ({"views": 3}, "--views must be one of 1, 2, 4, got 3"),
                            ({"extra_seeds": "0,1"}, "--extra_seeds 0,1 repeats a seed"),
                            ({"extra_seeds": "one"}, "--extra_seeds must be comma-separated integers"),
                            ({"diffusion_flags": "--prediction score"}, "--prediction must be")):

@@ -261,6 +261,19 @@ def test_sample_script_addpm_writes_masks_uncertainty_and_nfe(runs, tmp_path, in
         assert (out / "prob" / f"{r['id']}.png").is_file() and (out / "uncertainty" / f"{r['id']}.png").is_file()
 
 
+def test_addpm_with_views_samples_the_mirrored_copies_at_the_same_nfe(runs, tmp_path, run_script):
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ("--pre_t", 12, "--stop_t", 10, "--preseg_path", runs / "preseg", "--denoiser_path", runs / "den")
+    run_script("segmentation_sample.py", *sample_args(runs, one, *flags))
+    run_script("segmentation_sample.py", *sample_args(runs, two, *flags, "--views", 2))
+    a, b = manifest(one), manifest(two)
+    assert [r["id"] for r in b] == [r["id"] for r in a] and {r["views"] for r in b} == {"2"}
+    assert [(r["nfe"], r["nfe_preseg"], r["nfe_chain"], r["nfe_denoiser"]) for r in b] == \
+        [(r["nfe"], r["nfe_preseg"], r["nfe_chain"], r["nfe_denoiser"]) for r in a]
+    prob = [[np.array(Image.open(out / "prob" / f"{r['id']}.png")) for r in a] for out in (one, two)]
+    assert any(not np.array_equal(x, y) for x, y in zip(*prob))  # the mirrored copies' members are fused in
+
+
 def test_no_ground_truth_reaches_the_model_at_sampling_time(runs, tmp_path, run_script):
     """Same images, different masks (inverted): the sampled folders are identical, so masks are never read
     into the model's inputs (the split is the diffusion run's, so the same images are sampled)."""

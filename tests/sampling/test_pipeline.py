@@ -178,6 +178,7 @@ def test_a_rerun_with_other_settings_stops_before_writing_and_overwrite_starts_a
                             "True to replace them, or another --out_dir"),
              ({"seed": 1}, "with --seed 0; this run: --seed 1;"),
              ({"num_ensemble": 2}, "with --num_ensemble 1; this run: --num_ensemble 2;"),
+             ({"views": 2}, "with --views 1; this run: --views 2;"),
              ({"sampler": "dpm_solver++"}, "with --sampler ddim; this run: --sampler dpm_solver++"),
              ({"model_path": other_checkpoint(runs / "diff", tmp_path / "other")},
               "holds masks of model_0000002.pt; this run: model_0000003.pt; use --overwrite True")]
@@ -205,6 +206,24 @@ def test_a_rerun_with_other_settings_stops_before_writing_and_overwrite_starts_a
     import json
     assert json.loads((out / "sampling.json").read_text())["settings"]["steps"] == 3
     assert sample(runs / "diff", out, steps=3).skipped == 2
+
+
+def test_views_are_recorded_and_their_disagreement_is_the_uncertainty_map(runs, tmp_path):
+    import csv
+    import json
+    one, two = tmp_path / "one", tmp_path / "two"
+    sample(runs / "diff", one)  # one deterministic member: nothing to disagree
+    sample(runs / "diff", two, views=2)
+    assert json.loads((two / "sampling.json").read_text())["settings"]["views"] == 2
+    assert "views" not in json.loads((one / "sampling.json").read_text())["settings"]  # as before --views existed
+    rows = list(csv.DictReader(open(two / "manifest.csv")))
+    assert [r["views"] for r in rows] == ["2", "2"] and rows[0]["num_ensemble"] == "1"
+    ids = [r["id"] for r in rows]
+    assert all(read(one / "uncertainty" / f"{i}.png").max() == 0 for i in ids)
+    assert any(read(two / "uncertainty" / f"{i}.png").max() > 0 for i in ids)  # the mirrored copy disagrees
+    with pytest.raises(ValueError, match=r"^--views must be one of 1, 2, 4, got 3$"):
+        sample(runs / "diff", tmp_path / "three", views=3)
+    assert not (tmp_path / "three").exists()  # refused before anything was written
 
 
 def test_masks_without_recorded_settings_are_not_mixed_or_deleted(runs, tmp_path):

@@ -72,6 +72,10 @@ def test_train_sample_evaluate(volume_sets, tmp_path, run_script, layout, data_n
     capsys.readouterr()
     run_script("segmentation_sample.py", "--model_path", run, "--out_dir", pred, *SAMPLE)  # a rerun: all done
     assert "0 cases sampled" in capsys.readouterr().out
+    # --views 2: every slice also sampled mirrored; the volumes keep the contract
+    run_script("segmentation_sample.py", "--model_path", run, "--out_dir", tmp_path / "pred2", *SAMPLE, "--views", 2)
+    check_prediction_folder(tmp_path / "pred2", data_name, data_dir, split)
+    assert {r["views"] for r in rows(tmp_path / "pred2" / "manifest.csv")} == {"2"}
 
     run_script("segmentation_env.py", "--inp_pth", pred, "--data_name", data_name, "--data_dir", data_dir)
     out = capsys.readouterr().out
