@@ -434,7 +434,8 @@ def run_quality(cfg: QualityConfig, command: str = "") -> Path:
         by_seed[k], seed_runs = another_seed(ck, info)
         runs += seed_runs
     lines = [f"# Quality: {cfg.data_name} ({cfg.data_dir}), {cfg.image_size} px, {cfg.minutes:g} training minutes "
-             f"per model" + (f"; every row with {cfg.views} mirrored views (--views)" if cfg.views > 1 else ""), "", f"command: {command}" if command else "", "",
+             f"per model" + (f"; every row with {cfg.views} mirrored views (--views)" if cfg.views > 1 else ""), "",
+             f"command: {command}" if command else "", "",
              to_markdown(rows)]
     if ddpm and not ddpm_on_all:
         subset = [QualityRow(q.model, q.row, ddpm_ids) for q in rows if q.model in (UNET, MAIN)]
