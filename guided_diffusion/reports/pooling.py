@@ -57,6 +57,15 @@ def _views(folder: str) -> int:
     return row_views(m["tag"] if m else None)
 
 
+def _one_view(folder: str) -> str:
+    """The row folder of the same sampler without --views ('dpm_solver++-10-n5-seed+views4' -> '...-n5-seed')."""
+    m = _ROW.match(folder)
+    if m is None or m["tag"] is None:
+        return folder
+    tag = "+".join(t for t in m["tag"].split("+") if row_views(t) == 1)
+    return folder[:m.start("tag") - 1] + (f"-{tag}" if tag else "")
+
+
 def benchmark_runs(folder: Path) -> list[Path]:
     """The runs of one benchmark folder: the folder itself (seed 0), then seed<k>/ in order of k."""
     folder = Path(folder)
@@ -104,9 +113,10 @@ def _rows(run: Path, model: str) -> list[str]:
 
 def compare(folders: list[Path], against: list[Path] | None = None, n_boot: int = 2000) -> list[Pooled]:
     """Every diffusion row − the plain UNet sampled with the same --views (the one-view UNet where there is none);
-    where rows of several views were sampled, each such row (the UNet's too) − the one-view UNet; the 10-step
-    solver − the 1-step read-out and − DDPM over all steps where sampled; and with `against` (one folder per folder,
-    the same splits and seeds) every diffusion row − the other benchmark's same row, run by run."""
+    where rows of several views were sampled, each such row (the UNet's too) − the one-view UNet, and each diffusion
+    row of several views − its sampler's one-view row; the 10-step solver − the 1-step read-out and − DDPM over all
+    steps where sampled; and with `against` (one folder per folder, the same splits and seeds) every diffusion row −
+    the other benchmark's same row, run by run."""
     runs = [benchmark_runs(f) for f in folders]
     if against is not None and len(against) != len(folders):
         raise ValueError(f"--against needs one folder per benchmark folder ({len(folders)}), got {len(against)}")
@@ -130,6 +140,8 @@ def compare(folders: list[Path], against: list[Path] | None = None, n_boot: int 
     pairs += [(f"UNet with {_views(u)} views − UNet", f"{UNET}/{u}", f"{UNET}/{base}") for u in unet if u != base]
     pairs += [(f"{title(r)} − the one-view UNet", f"{MAIN}/{r}", f"{UNET}/{base}")
               for r in rows if unet_of.get(_views(r), base) != base]
+    pairs += [(f"{title(r)} − {title(one)}", f"{MAIN}/{r}", f"{MAIN}/{one}")
+              for r in rows if (one := _one_view(r)) != r and one in rows]
     one_step = next((r for r in rows if r.startswith("ddim-1-")), None)
     size = _members(one_step) if one_step else None  # the solver compared at the read-out's ensemble size
     solver = next((r for r in rows if r.startswith("dpm_solver++-10-") and _ROW.match(r)["tag"] is None

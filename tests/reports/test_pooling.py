@@ -75,6 +75,9 @@ def test_rows_of_several_views_are_compared_with_the_unet_of_the_same_views_and_
     assert got["dpm_solver++ 10 (views4) − the one-view UNet"] == pytest.approx(0.5 / 3)
     assert got["UNet with 4 views − UNet"] == pytest.approx(0.1 / 3)
     assert got["ddim 10 (views2) − UNet"] == pytest.approx(0.0)
+    assert got["dpm_solver++ 10 (views4) − dpm_solver++ 10"] == pytest.approx(0.2 / 3)  # what views add to a row
+    assert "dpm_solver++ 10 (seed+views4) − dpm_solver++ 10 (seed)" not in got  # no one-view row of it was scored
+    assert not any(name.startswith("ddim 10 (views2) − ddim") for name in got)
     assert got["dpm_solver++ 10 − UNet"] == pytest.approx(0.1)  # the one-view rows as before
     assert got["dpm_solver++ 10 − ddim 1"] == pytest.approx(0.1 / 3)
     assert row_views("views4") == 4 and row_views("seed+views2") == 2 and row_views("seed") == row_views(None) == 1

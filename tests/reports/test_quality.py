@@ -63,6 +63,8 @@ def test_quality_benchmark_reports_every_model_against_the_unet(tmp_path, run_sc
         (solver2 - dice["plain_UNet/preseg-1-n2"]).mean())
     assert pooled["UNet with 2 views − UNet"] == pytest.approx(
         (dice["plain_UNet/preseg-1-n2-views2"] - dice["plain_UNet/preseg-1-n2"]).mean())
+    assert pooled["dpm_solver++ 3 (views2) − dpm_solver++ 3"] == pytest.approx(
+        (solver2 - dice["diffusion/dpm_solver++-3-n2"]).mean())
     assert pooled["dpm_solver++ 3 − UNet"] == pytest.approx(
         (dice["diffusion/dpm_solver++-3-n2"] - dice["plain_UNet/preseg-1-n2"]).mean())
 
