@@ -38,7 +38,7 @@ from guided_diffusion.layout import VIEWS_TAG
 from guided_diffusion.reports import benchmark, figures
 from guided_diffusion.reports.benchmark import BenchRow, RowSpec
 from guided_diffusion.sampling.pipeline import SampleConfig
-from guided_diffusion.sampling.samplers import SAMPLERS, VIEW_COUNTS
+from guided_diffusion.sampling.samplers import SAMPLERS, check_views
 
 MAIN, UNET = "diffusion", "plain UNet"
 SEED_FORM = "seed"  # --samplers entry seed:K = the seed's `--dpm_solver True --diffusion_steps K`
@@ -191,8 +191,7 @@ def validate(cfg: QualityConfig) -> None:
         raise ValueError("--ddpm_images and --max_images must be >= 0, --num_ensemble >= 1")
     if cfg.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {cfg.jobs}")
-    if cfg.views not in VIEW_COUNTS:
-        raise ValueError(f"--views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {cfg.views}")
+    check_views(cfg.views)
     parse_samplers(cfg.samplers, "--samplers")
     parse_samplers(cfg.ablation_samplers, "--ablation_samplers")
     ablation_names(cfg.ablations)

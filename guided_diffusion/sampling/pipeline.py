@@ -37,8 +37,8 @@ from guided_diffusion.sampling import outputs
 from guided_diffusion.sampling.outputs import PredictionWriter
 from guided_diffusion.sampling import volumes as sample_volumes
 from guided_diffusion.sampling.volumes import VolumeWriter
-from guided_diffusion.sampling.samplers import (SAMPLERS, SOLVER_ALGORITHMS, VIEW_COUNTS, FromNoise, OnePass,
-                                                SamplerSpec, Strategy, image_seed, sample_views)
+from guided_diffusion.sampling.samplers import (SAMPLERS, SOLVER_ALGORITHMS, FromNoise, OnePass, SamplerSpec, Strategy,
+                                                check_views, image_seed, sample_views)
 from guided_diffusion.config import (DataConfig, DiffusionConfig, ModelConfig, create_gaussian_diffusion, create_model,
                                      from_dict)
 
@@ -239,8 +239,7 @@ def _validate(cfg: SampleConfig) -> None:
         raise ValueError(f"--split must be train, val, test or all, got {cfg.split!r}")
     if cfg.max_images < 0:
         raise ValueError(f"--max_images must be >= 0 (0: all), got {cfg.max_images}")
-    if cfg.views not in VIEW_COUNTS:
-        raise ValueError(f"--views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {cfg.views}")
+    check_views(cfg.views)
     for name in ("eta", "td"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")

@@ -264,6 +264,12 @@ FLIP_VIEWS = ((), (-1,), (-2,), (-1, -2))
 VIEW_COUNTS = (1, 2, 4)
 
 
+def check_views(views: int) -> None:
+    """--views is 1, 2 or 4 (the flips of FLIP_VIEWS), else a one-line error naming the flag."""
+    if views not in VIEW_COUNTS:
+        raise ValueError(f"--views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {views}")
+
+
 def view_seed(seed: int, view: int) -> int:
     """The per-image seed of view `view`: view 0 keeps the image's own, so --views 1 samples as without views."""
     return seed if view == 0 else image_seed(seed, f"view{view}")
@@ -280,8 +286,7 @@ def sample_views(strategy: "Strategy", model, diffusion, images: torch.Tensor, n
     mirrored back to the image's frame. Members (B, views * num_ensemble, H, W): view v's are v*N ... v*N + N-1,
     so the fused mask averages over views as well as noise and the uncertainty map shows where views disagree.
     The NFE stays per member; the image encoder runs once per copy."""
-    if views not in VIEW_COUNTS:
-        raise ValueError(f"--views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {views}")
+    check_views(views)
     if views == 1:
         return strategy.sample(model, diffusion, images, num_ensemble, seeds)
     flips = FLIP_VIEWS[:views]
