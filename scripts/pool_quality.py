@@ -6,7 +6,9 @@
 Each folder is one benchmark (one --split_seed, with its --extra_seeds runs in seed<k>/). For every diffusion row
 against the plain UNet (and the 10-step solver against the 1-step read-out and DDPM over all steps, and with
 --against every diffusion row against the other benchmark's same row, run by run), the per-image difference is
-averaged over each split's runs and pooled over the splits' test images, with a bootstrap 95% CI.
+averaged over each split's runs and pooled over the splits' test images, with a bootstrap 95% CI over those
+images; and each run's mean difference, summarised over the runs by their mean, its Student-t 95% interval (what
+a new training run of the recipe may give, not only new test images) and how many runs are at or above zero.
 """
 import argparse
 import sys

@@ -5,7 +5,8 @@ import pytest
 
 from guided_diffusion.evaluation.metrics import bootstrap_ci
 from guided_diffusion.layout import row_views
-from guided_diffusion.reports.pooling import benchmark_runs, compare, row_title
+from guided_diffusion.reports.pooling import (Pooled, benchmark_runs, compare, row_title, run_interval,
+                                              to_markdown)
 
 IDS = ["a", "b", "c"]
 
@@ -44,6 +45,10 @@ def test_differences_are_averaged_over_a_splits_seeds_then_pooled_over_images(tm
     assert p.mean == pytest.approx(expected.mean()) and (p.images, p.runs) == (6, 3)
     assert (p.low, p.high) == pytest.approx(bootstrap_ci(expected, n_boot=2000, seed=0))
     assert p.per_run == pytest.approx([0.1, -0.1, 0.0])
+    # over runs: mean 0, s = 0.1, t(0.975, 2) = 4.302653 (the t table), half-width 4.302653 * 0.1 / sqrt(3)
+    mean, low, high = p.over_runs
+    assert mean == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-6)
+    assert low == pytest.approx(-high) and p.at_or_above == 2
     read_out = got["dpm_solver++ 10 − ddim 1"]
     assert read_out.mean == pytest.approx(np.mean([0, 0.05, -0.05, 0, 0.1, 0]))
     ddpm = got["dpm_solver++ 10 − ddpm all"]  # only the images and the run DDPM sampled
@@ -107,10 +112,31 @@ def test_the_script_prints_and_writes_the_table_and_refuses_a_bad_folder(tmp_pat
     result = script("pool_quality.py", s0, "--out", tmp_path / "pooled.md")
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stdout.splitlines() if x.startswith("| dpm_solver++ 10 − UNet"))
-    assert "| +0.100 [" in line and (tmp_path / "pooled.md").read_text() == result.stdout
+    assert "| +0.100 [" in line and "| +0.100 | 1 of 1 |" in line
+    assert (tmp_path / "pooled.md").read_text() == result.stdout
     bad = script("pool_quality.py", tmp_path / "nothing")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
     assert "nothing is not a benchmark_quality.py folder" in bad.stderr
+
+
+def test_the_interval_over_runs_is_students_t_and_one_run_has_none():
+    # values 1, 2, 3, 6: mean 3, s = sqrt(14 / 3); t(0.975, 3) = 3.182446 from the t table
+    mean, low, high = run_interval([1.0, 2.0, 3.0, 6.0, float("nan")])
+    half = 3.182446 * (14 / 3) ** 0.5 / 2
+    assert (mean, low, high) == pytest.approx((3.0, 3.0 - half, 3.0 + half), rel=1e-6)
+    # a 90% interval: t(0.95, 3) = 2.353363
+    ninety = 3 + 2.353363 * (14 / 3) ** 0.5 / 2
+    assert run_interval([1.0, 2.0, 3.0, 6.0], level=0.9)[2] == pytest.approx(ninety, rel=1e-6)
+    one = run_interval([0.25])
+    assert one[0] == 0.25 and np.isnan(one[1]) and np.isnan(one[2])
+    assert all(np.isnan(v) for v in run_interval([]))
+    table = to_markdown([Pooled("a − b", 0.25, 0.1, 0.4, 3, 1, [0.25]),
+                         Pooled("c − d", -0.01, -0.03, 0.01, 6, 2, [-0.02, 0.0])])
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| a − b | +0.250 [+0.100, +0.400] | 3 | 1 | +0.250 | 1 of 1 | +0.250 |"
+    half = 12.706205 * 0.02 / 2 ** 0.5 / 2 ** 0.5  # t(0.975, 1) = 12.706205; s = 0.02 / sqrt(2)
+    assert rows[1] == (f"| c − d | -0.010 [-0.030, +0.010] | 6 | 2 | "
+                       f"-0.010 [{-0.01 - half:+.3f}, {-0.01 + half:+.3f}] | 1 of 2 | -0.020 / +0.000 |")
 
 
 def test_row_titles():
