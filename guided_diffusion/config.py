@@ -96,6 +96,12 @@ class DataConfig:
     data_dir: str = field(default="data/synthetic", metadata={"help": "data set root"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split (KVASIR, FOLDER, SYNTHETIC; "
                                                          "BRATS and NIFTI, by case)"})
+    folds: int = field(default=0, metadata={"help": "k-fold cross-validation of a seeded split: the ids, shuffled "
+                                                    "by --split_seed, fall into this many disjoint test folds and "
+                                                    "--fold picks the test fold, so k runs test every image once "
+                                                    "(default 0: one seeded 70/10/20 split)"})
+    fold: int = field(default=0, metadata={"help": "with --folds k: the test fold, 0 to k - 1; val is 10% of the "
+                                                   "other ids, train the rest"})
     modalities: str = field(default="", metadata={"help": "BRATS/NIFTI: the input channels, comma-separated (BRATS: "
                                                           "file suffixes, default t1,t1ce,t2,flair; NIFTI: names of "
                                                           "dataset.json or channel numbers, default all)"})
@@ -109,6 +115,13 @@ class DataConfig:
     norm_percentiles: str = field(default="0.5,99.5", metadata={"help": "BRATS/NIFTI: each channel is clipped to "
                                                                         "these percentiles of its nonzero voxels, then "
                                                                         "z-scored on them (default 0.5,99.5)"})
+
+    def __post_init__(self) -> None:
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"--folds must be 0 (no cross-validation) or >= 2, got {self.folds}")
+        if not 0 <= self.fold < max(self.folds, 1):
+            raise ValueError(f"--fold must be in [0, {max(self.folds - 1, 0)}] for --folds {self.folds}, "
+                             f"got {self.fold}")
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")

@@ -358,6 +358,24 @@ def make_split(ids, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
     }
 
 
+def make_fold_split(ids, folds: int, fold: int, seed: int = 0, val_fraction: float = 0.1) -> dict[str, list[str]]:
+    """Fold `fold` of a seeded k-fold cross-validation (--folds k --fold i): the sorted ids, permuted by `seed`, are
+    cut into k near-equal contiguous parts (sizes differ by at most one); part i is the test set, the first
+    round(val_fraction * rest) of the other ids in permuted order the validation set, the others train. The k test
+    sets are disjoint and cover every id once, so k runs score each image exactly once."""
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"--fold must be in [0, {folds - 1}] and --folds >= 2, got --fold {fold} --folds {folds}")
+    ordered = sorted(set(map(str, ids)))
+    if len(ordered) < folds + 1:
+        raise ValueError(f"--folds {folds} needs more than {folds} ids, got {len(ordered)}")
+    shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+    bounds = [round(j * len(shuffled) / folds) for j in range(folds + 1)]
+    test = shuffled[bounds[fold]:bounds[fold + 1]]
+    rest = shuffled[:bounds[fold]] + shuffled[bounds[fold + 1]:]
+    n_val = min(round(len(rest) * val_fraction), len(rest) - 1)
+    return {"train": sorted(rest[n_val:]), "val": sorted(rest[:n_val]), "test": sorted(test)}
+
+
 def _check_split(split: dict, path: Path) -> dict:
     """A loaded split must hold train/val/test lists of string ids that do not overlap."""
     if not isinstance(split, dict) or any(not isinstance(split.get(k), list) for k in SPLITS):
@@ -395,16 +413,18 @@ def load_split(path) -> dict:
     return _check_split(split, path)
 
 
-def resolve_split(data_name, data_dir, split_file=None, seed: int = 0) -> dict:
-    """The split to use: ``split_file`` when given, else the official split, else a seeded split.
+def resolve_split(data_name, data_dir, split_file=None, seed: int = 0, folds: int = 0, fold: int = 0) -> dict:
+    """The split to use: ``split_file`` when given, else the official split, else a seeded split (fold `fold` of a
+    seeded k-fold cross-validation with ``folds`` = k >= 2; a data set with an official split is then an error).
 
     ISIC 2016 and any ISIC layout without a validation folder gives an official split with ``val == []``.
     """
     name = normalize_data_name(data_name)
-    return _resolve(name, data_dir, *find_pairs(name, data_dir), split_file, seed)
+    return _resolve(name, data_dir, *find_pairs(name, data_dir), split_file, seed, folds, fold)
 
 
-def _resolve(name: str, data_dir, pairs: list[Pair], official: dict | None, split_file, seed: int) -> dict:
+def _resolve(name: str, data_dir, pairs: list[Pair], official: dict | None, split_file, seed: int,
+             folds: int = 0, fold: int = 0) -> dict:
     """``resolve_split`` on pairs already found (so ``list_pairs`` scans the folders once)."""
     if split_file is not None:
         loaded = load_split(split_file)
@@ -415,7 +435,13 @@ def _resolve(name: str, data_dir, pairs: list[Pair], official: dict | None, spli
                             f"{_examples(unknown)}")
         parts, source, seed = {k: sorted(loaded[k]) for k in SPLITS}, "file", loaded.get("seed", seed)
     elif official is not None:
+        if folds:
+            raise DataError(f"--folds {folds}: {data_dir} has an official {name} split; cross-validation is for "
+                            f"data sets split by seed (KVASIR, FOLDER, SYNTHETIC, volumes), or give --folds 0")
         parts, source = official, "official"
+    elif folds:
+        parts, source = make_fold_split([p.id for p in pairs], folds, fold, seed), "fold"
+        return {**parts, "source": source, "seed": seed, "folds": folds, "fold": fold, "data_name": name}
     else:
         parts, source = make_split([p.id for p in pairs], seed), "seeded"
     return {**parts, "source": source, "seed": seed, "data_name": name}

@@ -121,6 +121,11 @@ class QualityConfig:
                                                            "20 test images differ by several Dice points from seed "
                                                            "to seed)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split"})
+    folds: int = field(default=0, metadata={"help": "k-fold cross-validation (segmentation_train.py's --folds): "
+                                                    "run the benchmark once per --fold 0..k-1, each into its own "
+                                                    "--out_dir, and pool them with pool_quality.py; the k test sets "
+                                                    "cover every image once (default 0: one seeded split)"})
+    fold: int = field(default=0, metadata={"help": "with --folds k: the test fold of this benchmark, 0 to k - 1"})
     jobs: int = field(default=1, metadata={"help": "models trained at a time, each in its own process with an equal "
                                                    "share of the CPU threads (default 1: one after the other, in "
                                                    "this process); the diffusion model and the UNet of a seed start "
@@ -199,12 +204,17 @@ def validate(cfg: QualityConfig) -> None:
     diffusion_argv(cfg, "check", "")
 
 
+def fold_flags(cfg: QualityConfig) -> list[str]:
+    """The trainers' --folds/--fold flags (none without cross-validation, so earlier argv stay as they were)."""
+    return ["--folds", str(cfg.folds), "--fold", str(cfg.fold)] if cfg.folds else []
+
+
 def diffusion_argv(cfg: QualityConfig, name: str, variant_flags: str) -> list[str]:
     """segmentation_train.py's command line of one diffusion model; parsed here, so a bad flag fails at once."""
     argv = ["--preset", cfg.preset, "--data_name", cfg.data_name, "--data_dir", cfg.data_dir,
             "--image_size", str(cfg.image_size), "--out_dir", str(Path(cfg.out_dir) / "models" / name),
             "--max_minutes", str(cfg.minutes), "--max_steps", str(10 ** 9), "--seed", str(cfg.seed),
-            "--split_seed", str(cfg.split_seed), "--device", cfg.device,
+            "--split_seed", str(cfg.split_seed), *fold_flags(cfg), "--device", cfg.device,
             *shlex.split(cfg.diffusion_flags), *shlex.split(variant_flags)]
     parse_train_args(argv)
     return argv
@@ -232,7 +242,8 @@ def unet_job(cfg: QualityConfig) -> TrainJob:
     from guided_diffusion.training import auxiliary
 
     argv = ["--data_name", cfg.data_name, "--data_dir", cfg.data_dir, "--image_size", str(cfg.image_size),
-            "--split_seed", str(cfg.split_seed), "--out_dir", str(Path(cfg.out_dir) / "models" / "unet"),
+            "--split_seed", str(cfg.split_seed), *fold_flags(cfg),
+            "--out_dir", str(Path(cfg.out_dir) / "models" / "unet"),
             "--max_minutes", str(cfg.minutes), "--max_steps", str(10 ** 9), "--seed", str(cfg.seed),
             "--num_workers", "0", "--device", cfg.device, *shlex.split(cfg.unet_flags)]
     auxiliary.aux_parser("preseg").parse_args(argv)

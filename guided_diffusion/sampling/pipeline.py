@@ -457,7 +457,8 @@ def prepare(cfg: SampleConfig, model_flags: dict, device: torch.device, rank: in
             if data_name == data["data_name"] and split:
                 datasets.save_split(split, split_path)  # the training run's split: no test image was trained on
             else:
-                datasets.save_split(datasets.resolve_split(data_name, data_dir, seed=data.get("split_seed", 0)),
+                datasets.save_split(datasets.resolve_split(data_name, data_dir, seed=data.get("split_seed", 0),
+                                                           folds=data.get("folds", 0), fold=data.get("fold", 0)),
                                     split_path)
         distributed.barrier()
         pairs = datasets.list_pairs(data_name, data_dir, cfg.split, split_file=split_path)

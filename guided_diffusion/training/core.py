@@ -261,7 +261,8 @@ def resolve_split(out_dir: Path, data: DataConfig, resume: dict | None, referenc
     elif path.is_file():
         split = datasets.load_split(path)
     else:
-        split = datasets.resolve_split(data.data_name, data.data_dir, seed=data.split_seed)
+        split = datasets.resolve_split(data.data_name, data.data_dir, seed=data.split_seed, folds=data.folds,
+                                        fold=data.fold)
     if dist_info.is_main:
         datasets.save_split(split, path)
     barrier()

@@ -297,6 +297,60 @@ def test_make_split_small_sets_nonempty(n):
     assert all(split[k] for k in D.SPLITS) and sum(len(split[k]) for k in D.SPLITS) == n
 
 
+@pytest.mark.parametrize("n,k", [(100, 5), (23, 4), (7, 3)])
+def test_fold_split_tests_every_id_once(n, k):
+    ids = [f"id{j:03d}" for j in range(n)]
+    splits = [D.make_fold_split(ids, k, i, seed=3) for i in range(k)]
+    tests = [set(s["test"]) for s in splits]
+    assert sum(map(len, tests)) == n and set().union(*tests) == set(ids)  # disjoint, covering
+    assert max(map(len, tests)) - min(map(len, tests)) <= 1
+    for s in splits:
+        parts = [set(s[key]) for key in D.SPLITS]
+        assert sum(map(len, parts)) == n and set().union(*parts) == set(ids) and all(parts[:1])
+        assert len(s["val"]) == round(0.1 * (n - len(s["test"])))
+        assert all(s[key] == sorted(s[key]) for key in D.SPLITS)
+    # the same seed in any input order gives the same folds, another seed other folds
+    assert D.make_fold_split(list(reversed(ids)), k, 1, seed=3) == splits[1]
+    assert D.make_fold_split(ids, k, 1, seed=4) != splits[1]
+
+
+def test_fold_split_is_the_seeded_permutation_cut_in_k():
+    ids = [str(j) for j in range(10)]  # sorted as strings: "0" < "1" < ... < "9"
+    order = [ids[i] for i in np.random.default_rng(0).permutation(10)]
+    s = D.make_fold_split(ids, 4, 1, seed=0)  # bounds 0, 2 (2.5 rounds to 2), 5, 8 (7.5 rounds to 8), 10
+    assert s["test"] == sorted(order[2:5])
+    rest = order[:2] + order[5:]
+    assert s["val"] == sorted(rest[:1]) and s["train"] == sorted(rest[1:])
+
+
+def test_fold_split_bad_flags():
+    ids = [str(j) for j in range(10)]
+    for folds, fold in ((1, 0), (3, 3), (3, -1)):
+        with pytest.raises(ValueError, match="--fold"):
+            D.make_fold_split(ids, folds, fold)
+    with pytest.raises(ValueError, match="--folds 10 needs more than 10 ids"):
+        D.make_fold_split(ids, 10, 0)
+    from guided_diffusion.config import DataConfig
+    with pytest.raises(ValueError, match="--folds must be 0"):
+        DataConfig(folds=1)
+    with pytest.raises(ValueError, match=r"--fold must be in \[0, 2\] for --folds 3, got 3"):
+        DataConfig(folds=3, fold=3)
+    with pytest.raises(ValueError, match=r"--fold must be in \[0, 0\] for --folds 0, got 1"):
+        DataConfig(fold=1)
+
+
+def test_resolve_split_folds(tmp_path):
+    root = make_folder(tmp_path / "f", [f"s{j:02d}" for j in range(12)])
+    split = D.resolve_split("FOLDER", root, seed=2, folds=3, fold=2)
+    ids = [p.id for p in D.list_pairs("FOLDER", root, "all")]
+    assert {k: split[k] for k in D.SPLITS} == D.make_fold_split(ids, 3, 2, seed=2)
+    assert (split["source"], split["folds"], split["fold"], split["seed"]) == ("fold", 3, 2, 2)
+    assert {k: split[k] for k in D.SPLITS} != {k: D.resolve_split("FOLDER", root, seed=2)[k] for k in D.SPLITS}
+    official = make_isic2017(tmp_path / "isic")
+    with pytest.raises(DataError, match="--folds 3: .* has an official ISIC split"):
+        D.resolve_split("ISIC", official, folds=3, fold=0)
+
+
 def test_split_save_load_roundtrip(tmp_path):
     split = {**D.make_split([str(k) for k in range(10)], seed=4), "source": "seeded", "seed": 4, "data_name": "FOLDER"}
     path = tmp_path / "run" / "split.json"

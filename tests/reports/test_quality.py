@@ -156,6 +156,18 @@ def test_bad_quality_flags_fail_before_any_training(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_folds_reach_both_trainers(tmp_path):
+    base = dict(data_name="SYNTHETIC", data_dir=str(tmp_path / "d"), out_dir=str(tmp_path / "q"))
+    plain = quality.QualityConfig(**base)
+    assert "--folds" not in quality.diffusion_argv(plain, "main", "") and "--folds" not in quality.unet_job(plain).argv
+    cfg = quality.QualityConfig(**base, folds=5, fold=4)
+    for argv in (quality.diffusion_argv(cfg, "main", ""), list(quality.unet_job(cfg).argv)):
+        i = argv.index("--folds")
+        assert argv[i:i + 4] == ["--folds", "5", "--fold", "4"]
+    with pytest.raises(ValueError, match="--fold must be in"):
+        quality.diffusion_argv(quality.QualityConfig(**base, folds=5, fold=5), "main", "")
+
+
 def test_every_ablation_is_a_valid_model_that_differs_from_the_main_one(tmp_path):
     from guided_diffusion.config import parse_train_args
 

@@ -27,6 +27,19 @@ def test_checkpoint_is_self_describing(tmp_path, syn_dir):
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
 
 
+def test_cross_validation_fold_is_the_runs_split(tmp_path, syn_dir):
+    from guided_diffusion.data import datasets
+
+    mc, dc, data, tc = tiny(tmp_path, syn_dir, max_steps=1)
+    data.folds, data.fold = 3, 2
+    DiffusionTrainer(mc, dc, data, tc, CPU).run()
+    saved, ckpt = datasets.load_split(tmp_path / "split.json"), load_checkpoint(find_latest(tmp_path))
+    ids = [p.id for p in datasets.list_pairs("SYNTHETIC", syn_dir, "all")]
+    assert {k: saved[k] for k in datasets.SPLITS} == datasets.make_fold_split(ids, 3, 2)
+    assert (ckpt["config"]["data"]["folds"], ckpt["config"]["data"]["fold"]) == (3, 2)
+    assert ckpt["split"]["test"] == saved["test"]
+
+
 def test_learn_sigma_false_trains(tmp_path, syn_dir):
     t = DiffusionTrainer(*tiny(tmp_path, syn_dir, learn_sigma=False, max_steps=2), CPU)
     t.run()
